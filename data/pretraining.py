@@ -1,0 +1,253 @@
+"""Phase-1 data: plain text -> cleaned documents -> GPT-2 tokens -> packed 256-token blocks, cached.
+
+Design decisions:
+- Sources are the Hub through `datasets.load_dataset` (default: Simple English Wikipedia) or local
+  files read by `data.files`. Before anything else, the first records of every source go through
+  `trm.rules.check_plain_text_records`: phase 1 never sees instruction, Q&A or dialogue data.
+- Cleaning, tokenising and packing are `datasets.map` calls (batched, `num_proc` workers).
+- Exact duplicates are dropped by a hash of the cleaned text; the train/validation split is made per
+  document by the same hash, so it does not depend on file order and no document is in both splits.
+- Documents are shuffled with the seed before the token budget (`max_train_tokens`, the user's 15–20M)
+  is applied, so a capped run sees a sample of the whole corpus rather than its first articles.
+- Each document ends with `<|endoftext|>`; blocks are cut `group_texts`-style with no padding. The
+  tail of each map batch that does not fill a block is dropped and counted.
+- The result is saved with `save_to_disk` under a key that hashes the data arguments, the input files
+  (path, size, mtime), the tokenizer files and `PIPELINE_VERSION`, written to a temporary folder and
+  renamed into place, so a second run starts at once and an interrupted one leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, DatasetDict, Features, Sequence, Value, load_dataset, load_from_disk
+
+from data.cleaning import clean_text
+from data.files import DataError, SkipCounter, read_records
+from data.tokenizer import EOS_TOKEN_ID, FILE_SHA256, load_tokenizer
+from trm import rules
+
+logger = logging.getLogger(__name__)
+PIPELINE_VERSION = 1
+RULE_CHECK_RECORDS = 50
+
+
+@dataclass
+class PretrainingDataArguments:
+    """Where phase-1 text comes from and how it is prepared (names follow Hugging Face's `run_clm.py`)."""
+
+    dataset_name: str | None = field(default="wikimedia/wikipedia", metadata={"help": "Hub dataset of plain text."})
+    dataset_config_name: str | None = field(default="20231101.simple", metadata={"help": "Hub dataset config."})
+    train_file: list[str] | None = field(
+        default=None, metadata={"help": "Local .txt/.jsonl/.json/.parquet files (optionally .gz/.xz/.bz2/.zst); replaces the Hub dataset."}
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file; default: split off the training text."})
+    text_column: str = field(default="text", metadata={"help": "Field holding the text in JSON/parquet records."})
+    text_sample_by: str = field(default="auto", metadata={"help": ".txt layout: line, paragraph (blank-line separated) or auto."})
+    max_train_tokens: int = field(default=20_000_000, metadata={"help": "Token budget of the training split."})
+    max_eval_tokens: int = field(default=100_000, metadata={"help": "Token budget of the validation split."})
+    validation_split_percentage: float = field(default=1.0, metadata={"help": "Share of documents held out for validation."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per packed training block (the context length)."})
+    min_document_chars: int = field(default=100, metadata={"help": "Cleaned documents shorter than this are dropped."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Worker processes; default: all cores."})
+    data_cache_dir: str = field(default="cache/data", metadata={"help": "Where prepared datasets are kept."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Prepare again even if a cached copy exists."})
+
+
+def _num_workers(args: PretrainingDataArguments) -> int:
+    return max(1, args.preprocessing_num_workers or os.cpu_count() or 1)
+
+
+def _load_local(paths: list[str], args: PretrainingDataArguments, skipped: SkipCounter) -> Dataset:
+    texts: list[str] = []
+    for path in paths:
+        before = len(texts)
+        records = read_records(path, skipped, args.text_sample_by)
+        head = list(islice(records, RULE_CHECK_RECORDS))
+        rules.check_plain_text_records(head, str(path))
+        for record in (*head, *records):
+            text = record.get(args.text_column)
+            if isinstance(text, str):
+                texts.append(text)
+            else:
+                skipped[f"records without a text field {args.text_column!r}"] += 1
+        if len(texts) == before:
+            raise DataError(f"{path}: no documents found (empty file, or no {args.text_column!r} field).")
+    return Dataset.from_dict({"text": texts})
+
+
+def _load_hub(args: PretrainingDataArguments) -> Dataset:
+    rules.check_plain_text_hub_dataset(args.dataset_name)
+    try:
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split="train")
+    except Exception as error:  # the datasets library raises many types for network/Hub failures
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"could not load {args.dataset_name} ({args.dataset_config_name}) from the Hugging Face Hub ({reason}); "
+            "if you are offline, pass local files with --train_file."
+        ) from None
+    rules.check_plain_text_records((dataset[i] for i in range(min(RULE_CHECK_RECORDS, len(dataset)))), args.dataset_name)
+    if args.text_column not in dataset.column_names:
+        raise DataError(f"{args.dataset_name} has no {args.text_column!r} column (it has {dataset.column_names}).")
+    return dataset.select_columns([args.text_column]).rename_column(args.text_column, "text")
+
+
+def _fingerprint(args: PretrainingDataArguments, seed: int) -> str:
+    settings = {k: v for k, v in asdict(args).items() if k not in ("preprocessing_num_workers", "data_cache_dir", "overwrite_cache")}
+    files = []
+    for path in [*(args.train_file or []), *([args.validation_file] if args.validation_file else [])]:
+        stat = Path(path).stat() if Path(path).exists() else None
+        files.append([str(Path(path).resolve()), stat and stat.st_size, stat and stat.st_mtime_ns])
+    payload = json.dumps([PIPELINE_VERSION, settings, seed, files, FILE_SHA256], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _clean_batch(batch: dict, min_chars: int) -> dict:
+    texts = [clean_text(text or "") for text in batch["text"]]
+    return {
+        "text": texts,
+        "digest": [hashlib.blake2b(t.encode(), digest_size=8).hexdigest() for t in texts],
+        "keep": [len(t) >= min_chars for t in texts],
+        "empty": [not t for t in texts],
+    }
+
+
+def _clean_and_dedupe(dataset: Dataset, args: PretrainingDataArguments, skipped: SkipCounter) -> Dataset:
+    dataset = dataset.map(
+        _clean_batch, batched=True, num_proc=_num_workers(args), fn_kwargs={"min_chars": args.min_document_chars},
+        desc="Cleaning",
+    )
+    seen: set[str] = set()
+    keep_indices = []
+    for index, (digest, keep, empty) in enumerate(zip(dataset["digest"], dataset["keep"], dataset["empty"])):
+        if empty:
+            skipped["documents empty after cleaning"] += 1
+        elif not keep:
+            skipped[f"documents shorter than {args.min_document_chars} characters"] += 1
+        elif digest in seen:
+            skipped["exact duplicate documents"] += 1
+        else:
+            seen.add(digest)
+            keep_indices.append(index)
+    return dataset.select(keep_indices).remove_columns(["keep", "empty"])
+
+
+def _tokenize_batch(batch: dict, tokenizer) -> dict:
+    ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+    return {"input_ids": [doc + [EOS_TOKEN_ID] for doc in ids], "length": [len(doc) + 1 for doc in ids]}
+
+
+def _group_texts(batch: dict, block_size: int) -> dict:
+    flat = np.fromiter((t for doc in batch["input_ids"] for t in doc), dtype=np.int32)
+    usable = len(flat) // block_size * block_size
+    return {"input_ids": flat[:usable].reshape(-1, block_size)}
+
+
+def _take_budget(dataset: Dataset, budget: int) -> tuple[Dataset, int]:
+    """Keep whole documents in order until the token budget is reached; return them and how many were left out."""
+    lengths = np.asarray(dataset["length"], dtype=np.int64)
+    count = int(np.searchsorted(np.cumsum(lengths), budget, side="right"))
+    return dataset.select(range(count)), len(dataset) - count
+
+
+def _tokenize_and_pack(dataset: Dataset, budget: int, args: PretrainingDataArguments, split: str, stats: dict) -> Dataset:
+    tokenizer = load_tokenizer(model_max_length=10**9)  # documents are longer than the context; packing cuts them
+    workers = _num_workers(args)
+    dataset = dataset.map(
+        _tokenize_batch, batched=True, num_proc=workers, fn_kwargs={"tokenizer": tokenizer},
+        remove_columns=dataset.column_names, desc=f"Tokenizing {split}",
+    )
+    dataset, over_budget = _take_budget(dataset, budget)
+    tokens = int(np.sum(dataset["length"])) if len(dataset) else 0
+    packed = dataset.map(
+        _group_texts, batched=True, batch_size=2000, num_proc=workers, fn_kwargs={"block_size": args.block_size},
+        remove_columns=dataset.column_names, desc=f"Packing {split}",
+        features=Features({"input_ids": Sequence(Value("int32"))}),
+    )
+    stats[split] = {
+        "documents": len(dataset), "documents_over_token_budget": over_budget, "tokens": tokens,
+        "blocks": len(packed), "tokens_dropped_at_block_ends": tokens - len(packed) * args.block_size,
+    }
+    return packed
+
+
+def _split_by_digest(dataset: Dataset, percentage: float) -> tuple[Dataset, Dataset]:
+    threshold = percentage / 100.0
+    is_validation = [int(d[:8], 16) / 0xFFFFFFFF < threshold for d in dataset["digest"]]
+    train = [i for i, v in enumerate(is_validation) if not v]
+    validation = [i for i, v in enumerate(is_validation) if v]
+    return dataset.select(train), dataset.select(validation)
+
+
+def prepare_pretraining_data(args: PretrainingDataArguments, seed: int = 42) -> tuple[DatasetDict, dict]:
+    """Return the packed train/validation blocks and a statistics report, from cache when possible."""
+    if args.block_size < 2:
+        raise DataError(f"block_size must be at least 2, got {args.block_size}.")
+    cache_root = Path(args.data_cache_dir)
+    cache_path = cache_root / f"phase1-{_fingerprint(args, seed)}"
+    if cache_path.is_dir() and not args.overwrite_cache:
+        stats = json.loads((cache_path / "stats.json").read_text())
+        stats["from_cache"] = str(cache_path)
+        return load_from_disk(str(cache_path / "dataset")), stats
+
+    started = time.time()
+    skipped = SkipCounter()
+    source = args.train_file or f"{args.dataset_name} ({args.dataset_config_name})"
+    raw = _load_local(args.train_file, args, skipped) if args.train_file else _load_hub(args)
+    documents_read = len(raw)
+    cleaned = _clean_and_dedupe(raw, args, skipped).shuffle(seed=seed)
+    if args.validation_file:
+        validation_raw = _load_local([args.validation_file], args, skipped)
+        train_docs, validation_docs = cleaned, _clean_and_dedupe(validation_raw, args, skipped)
+    else:
+        train_docs, validation_docs = _split_by_digest(cleaned, args.validation_split_percentage)
+    if len(train_docs) == 0 or len(validation_docs) == 0:
+        raise DataError(
+            f"after cleaning, {len(train_docs)} training and {len(validation_docs)} validation documents remain "
+            f"(skipped: {skipped.describe()}); give more text or a larger validation_split_percentage."
+        )
+    stats: dict = {"source": source, "documents_read": documents_read, "documents_kept": len(cleaned)}
+    splits = DatasetDict(
+        train=_tokenize_and_pack(train_docs, args.max_train_tokens, args, "train", stats),
+        validation=_tokenize_and_pack(validation_docs, args.max_eval_tokens, args, "validation", stats),
+    )
+    if len(splits["train"]) == 0 or len(splits["validation"]) == 0:
+        raise DataError(f"not enough text to fill one {args.block_size}-token block in each split.")
+    stats["skipped"] = dict(skipped)
+    stats["seconds"] = round(time.time() - started, 1)
+
+    tmp_path = cache_root / f".tmp-{cache_path.name}-{os.getpid()}"
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    splits.save_to_disk(str(tmp_path / "dataset"))
+    (tmp_path / "stats.json").write_text(json.dumps(stats, indent=2))
+    shutil.rmtree(cache_path, ignore_errors=True)
+    os.replace(tmp_path, cache_path)
+    return load_from_disk(str(cache_path / "dataset")), stats
+
+
+def describe_stats(stats: dict) -> str:
+    """A short human-readable data report for the log."""
+    lines = [f"Data from {stats['source']}: {stats['documents_read']:,} documents read, {stats['documents_kept']:,} kept"]
+    skipped = SkipCounter(stats.get("skipped", {}))
+    lines.append(f"  skipped or dropped: {skipped.describe()}")
+    for split in ("train", "validation"):
+        s = stats[split]
+        lines.append(
+            f"  {split}: {s['documents']:,} documents, {s['tokens']:,} tokens -> {s['blocks']:,} blocks "
+            f"({s['documents_over_token_budget']:,} documents over the token budget, "
+            f"{s['tokens_dropped_at_block_ends']:,} tokens dropped at block ends)"
+        )
+    if "from_cache" in stats:
+        lines.append(f"  (prepared earlier in {stats['seconds']} s; reused from {stats['from_cache']})")
+    else:
+        lines.append(f"  prepared in {stats['seconds']} s")
+    return "\n".join(lines)

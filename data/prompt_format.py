@@ -1,0 +1,83 @@
+"""The one prompt format, shared by training, generation, chat and evaluation.
+
+Design decisions:
+- Plain text over the unchanged GPT-2 tokenizer, no new special tokens:
+
+      [system text]\\n                      (optional, first message only)
+      User: {user text}\\n
+      Assistant: {reply}<|endoftext|>
+      User: ...\\n
+      Assistant:                           <- generation prompt; the model writes " {reply}<|endoftext|>"
+
+- Every assistant reply ends with `<|endoftext|>`, so the model learns to stop by itself and
+  generation stops on the tokenizer's EOS with no custom stopping rule.
+- `render` is the reference implementation; `CHAT_TEMPLATE` is the same format as a Jinja chat template,
+  stored with every model so `tokenizer.apply_chat_template` reproduces it (a test checks they agree).
+- `render` also returns the character spans of the assistant replies (the space after "Assistant:"
+  through the closing `<|endoftext|>`); `data.sft` turns them into label masks via token offsets, so the
+  tokens that carry the loss are exactly those that follow a generation prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+EOS = "<|endoftext|>"
+USER_PREFIX = "User: "
+ASSISTANT_PREFIX = "Assistant:"
+ROLES = ("system", "user", "assistant")
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'User: ' + message['content'] + '\n' }}"
+    "{%- else -%}{{ 'Assistant: ' + message['content'] + '<|endoftext|>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)
+
+
+def validate_messages(messages: Iterable[dict]) -> list[dict]:
+    """Check roles and order; return the messages with stripped, non-empty content."""
+    cleaned = []
+    for position, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES or not isinstance(content, str):
+            raise ValueError(f"message {position} needs a role in {ROLES} and a text content, got {message!r}")
+        if role == "system" and position != 0:
+            raise ValueError("only the first message may be a system message")
+        content = content.strip()
+        if not content:
+            raise ValueError(f"message {position} ({role}) is empty")
+        cleaned.append({"role": role, "content": content})
+    turns = [m["role"] for m in cleaned if m["role"] != "system"]
+    if any(role != ("user" if i % 2 == 0 else "assistant") for i, role in enumerate(turns)):
+        raise ValueError("turns must alternate user, assistant, user, ... starting with the user")
+    return cleaned
+
+
+def render(messages: Iterable[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation; return the text and the (start, end) character spans of assistant replies."""
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    length = 0
+    for message in validate_messages(messages):
+        role, content = message["role"], message["content"]
+        if role == "system":
+            piece = content + "\n"
+        elif role == "user":
+            piece = USER_PREFIX + content + "\n"
+        else:
+            piece = f"{ASSISTANT_PREFIX} {content}{EOS}"
+            spans.append((length + len(ASSISTANT_PREFIX), length + len(piece)))
+        parts.append(piece)
+        length += len(piece)
+    if add_generation_prompt:
+        parts.append(ASSISTANT_PREFIX)
+    return "".join(parts), spans
+
+
+def generation_prompt(messages: Iterable[dict]) -> str:
+    """The text a model continues to produce the next assistant reply."""
+    return render(messages, add_generation_prompt=True)[0]

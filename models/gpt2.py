@@ -1,0 +1,99 @@
+"""The TRM model: a plain `GPT2LMHeadModel` from a small `GPT2Config`, and a faster loss for training it.
+
+Design decisions:
+- The saved model is always a stock `GPT2LMHeadModel`, so anything that loads GPT-2 loads TRM.
+  Model shapes live in `configs/*.json`; phase 1 always builds from random initialisation.
+- Training speed on a CPU is dominated by the tied output projection: for a 256-wide model, the
+  50,257-way logits are ~70% of the FLOPs, and the stock loss materialises them for the whole batch
+  (batch x 256 x 50257 floats, ~800 MB at batch 16), runs log-softmax over them and keeps them for the
+  backward pass, far outside every cache. `chunked_lm_loss` computes the same cross-entropy over the
+  final hidden states a chunk of rows at a time, and computes its gradients in the same pass (the
+  softmax is its own gradient), so no logits outlive their chunk and nothing is recomputed. It returns
+  the same value and gradients as the stock loss (tests compare both) without changing the model.
+- Normalisation follows `transformers`: the summed loss over label tokens (labels shifted by one,
+  -100 ignored) divided by `num_items_in_batch` when the Trainer gives it (gradient accumulation), else
+  by the number of label tokens in the batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+IGNORE_INDEX = -100
+DEFAULT_LOSS_CHUNK_ROWS = 512
+
+
+def build_model(config_name: str | Path, seed: int | None = None) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 of the shape in `config_name` (a GPT2Config JSON file)."""
+    path = Path(config_name)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} not found; pick one of configs/*.json.")
+    config = GPT2Config.from_json_file(str(path))
+    if seed is not None:
+        torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def parameter_counts(model: GPT2LMHeadModel) -> dict[str, int]:
+    """Total (tied weights counted once), token+position embedding, and non-embedding parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `hidden @ weight.T` against `targets`, summed, with gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, normaliser, chunk_rows, compute_grads):
+        valid = targets != IGNORE_INDEX
+        safe_targets = targets.masked_fill(~valid, 0)
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if compute_grads else None
+        grad_weight = torch.zeros_like(weight) if compute_grads else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h = hidden[rows]
+            logits = (h @ weight.t()).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, safe_targets[rows, None]).squeeze(1)
+            row_valid = valid[rows]
+            loss_sum += ((log_norm - target_logit) * row_valid).sum()
+            if compute_grads:
+                # d(loss)/d(logits) = softmax - one_hot(target), zero on ignored rows, over the normaliser.
+                probs = logits.sub_(log_norm[:, None]).exp_()
+                probs[torch.arange(probs.shape[0]), safe_targets[rows]] -= 1.0
+                probs = probs.mul_((row_valid / normaliser)[:, None]).to(hidden.dtype)
+                grad_hidden[rows] = probs @ weight
+                grad_weight.addmm_(probs.t(), h)
+        if compute_grads:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss_sum / normaliser
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None
+
+
+def chunked_lm_loss(
+    model: GPT2LMHeadModel,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
+) -> torch.Tensor:
+    """The causal-LM loss of `model(input_ids, labels=labels)`, without materialising the full logits."""
+    hidden = model.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    if num_items_in_batch is None:
+        num_items_in_batch = (targets != IGNORE_INDEX).sum()
+    normaliser = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device).clamp(min=1)
+    weight = model.lm_head.weight
+    compute_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, normaliser, chunk_rows, compute_grads)

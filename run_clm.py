@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Phase 1: pretrain a small GPT-2 from random weights on plain text (default: Simple English Wikipedia).
+
+    python run_clm.py recipes/phase1_pretraining.yaml [--KEY VALUE ...] [--resume]
+
+Every recipe key and every `TrainingArguments` field can be overridden on the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from transformers import TrainingArguments
+
+from data.pretraining import PretrainingDataArguments, describe_stats, prepare_pretraining_data
+from data.tokenizer import load_tokenizer
+from models.gpt2 import build_model, parameter_counts
+from trm import rules
+from trm.cli import run_main
+from trm.recipe import parse_recipe
+from trm.training import (
+    ModelArguments, TrmTrainer, build_callbacks, collate_blocks, default_generation_config,
+    refuse_foreign_output_dir, resolve_resume_checkpoint, save_final_model,
+)
+
+logger = logging.getLogger("run_clm")
+PHASE = "pretraining"
+DEFAULTS = {"use_cpu": True, "include_num_input_tokens_seen": True, "report_to": ["tensorboard"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_recipe(
+        (ModelArguments, PretrainingDataArguments, TrainingArguments), argv, defaults=DEFAULTS
+    )
+    rules.check_no_retrieval_settings({**vars(model_args), **vars(data_args)})
+    rules.check_random_init(model_args.model_name_or_path, model_args.config_name)
+    rules.check_tokenizer(model_args.tokenizer_name)
+    rules.check_epochs(PHASE, training_args.num_train_epochs)
+    rules.check_device(training_args.use_cpu, training_args.bf16, training_args.fp16)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    refuse_foreign_output_dir(training_args.output_dir, resume)
+
+    datasets_, stats = prepare_pretraining_data(data_args, seed=training_args.seed)
+    logger.info("%s", describe_stats(stats))
+    tokenizer = load_tokenizer(model_max_length=data_args.block_size)
+    model = build_model(model_args.config_name, seed=training_args.seed)
+    if model.config.n_positions < data_args.block_size:
+        raise rules.RuleViolation(f"block_size {data_args.block_size} exceeds the model's context {model.config.n_positions}.")
+    model.generation_config = default_generation_config(tokenizer)
+    counts = parameter_counts(model)
+    logger.info(
+        "model %s: %s parameters (%s embedding, %s non-embedding)", model_args.config_name,
+        *(f"{counts[k] / 1e6:.2f}M" for k in ("total", "embedding", "non_embedding")),
+    )
+    examples_per_step = (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * max(1, training_args.world_size)
+    )
+    rules.check_step_budget(PHASE, training_args.max_steps, examples_per_step, len(datasets_["train"]))
+
+    trainer = TrmTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets_["train"],
+        eval_dataset=datasets_["validation"],
+        data_collator=collate_blocks,
+        processing_class=tokenizer,
+        callbacks=build_callbacks(training_args.output_dir, tokenizer, model_args, early_stopping=training_args.load_best_model_at_end),
+        loss_chunk_rows=model_args.loss_chunk_rows,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    metrics = {**train_result.metrics, **trainer.evaluate()}
+    metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
+    trainer.log_metrics("final", metrics)
+    save_final_model(
+        trainer,
+        training_args.output_dir,
+        card_title="TRM phase 1: GPT-2 pretrained from scratch",
+        card_description=(
+            "A small GPT-2 (`GPT2LMHeadModel`) trained from random weights by causal language modelling on plain "
+            "text, with the unchanged GPT-2 tokenizer. Trained with TRM (`run_clm.py`)."
+        ),
+        card_facts={
+            "data": stats["source"],
+            "training tokens (per epoch)": f"{stats['train']['tokens']:,}",
+            "parameters": f"{counts['total']:,} ({counts['non_embedding']:,} non-embedding)",
+            "context length": data_args.block_size,
+            "epochs": f"{metrics.get('epoch', 0):.2f}",
+            "learning rate": training_args.learning_rate,
+            "batch (sequences per step)": examples_per_step,
+            "validation loss": f"{metrics['eval_loss']:.4f}",
+            "validation perplexity": f"{metrics['eval_perplexity']:.2f}",
+        },
+    )
+    logger.info("model saved to %s (validation perplexity %.2f)", training_args.output_dir, metrics["eval_perplexity"])
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main)

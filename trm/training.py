@@ -1,0 +1,272 @@
+"""Training machinery shared by both phases: the Trainer subclass, callbacks, resume and the final save.
+
+Design decisions:
+- `Trainer` does the work. `TrmTrainer` changes two things: the loss is `models.gpt2.chunked_lm_loss`
+  (same value and gradients as the stock loss, much less memory traffic; `loss_chunk_rows: 0` restores
+  the stock loss), and each log line gains tokens/s and, for evaluations, perplexity.
+- Callbacks, not a custom loop: early stopping (`EarlyStoppingCallback`), sample generations at each
+  evaluation, a CSV copy of the logs, and Ctrl-C, which asks the Trainer to save a checkpoint and stop
+  at the end of the current step (a second Ctrl-C aborts at once).
+- `resume_from_checkpoint: auto` picks the newest checkpoint in `output_dir`, or starts fresh if there
+  is none; the Trainer restores the model, optimizer, scheduler, RNG and data order from it.
+- The final model is written as a Hub-format directory (safetensors, config, tokenizer with its chat
+  template, generation config, model card, loss curve) into a temporary folder and then moved into
+  `output_dir` file by file, so a crash never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from models.gpt2 import chunked_lm_loss
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train and how (names follow Hugging Face's example scripts)."""
+
+    config_name: str | None = field(default="configs/gpt2-tiny.json", metadata={"help": "GPT2Config JSON (phase 1)."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Model directory to start from (phase 2)."})
+    tokenizer_name: str | None = field(default="gpt2", metadata={"help": "Always the GPT-2 tokenizer."})
+    loss_chunk_rows: int = field(default=256, metadata={"help": "Rows per chunk of the fused loss; 0 = stock loss."})
+    early_stopping_patience: int = field(default=3, metadata={"help": "Evaluations without improvement before stopping."})
+    sample_prompts: list[str] = field(default_factory=list, metadata={"help": "Texts continued at each evaluation."})
+    sample_max_new_tokens: int = field(default=40, metadata={"help": "Length of the sample generations."})
+
+
+class TrmTrainer(Trainer):
+    """`Trainer` with the chunked loss and throughput/perplexity in the logs."""
+
+    loss_is_scaled_for_ga = True  # the loss below is normalised by `num_items_in_batch` when given
+
+    def __init__(self, *args, loss_chunk_rows: int = 256, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_chunk_rows = loss_chunk_rows
+        self._last_log = (time.perf_counter(), 0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_chunk_rows <= 0 or return_outputs:
+            outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return chunked_lm_loss(
+            self.accelerator.unwrap_model(model),
+            inputs["input_ids"],
+            inputs["labels"],
+            attention_mask=inputs.get("attention_mask"),
+            num_items_in_batch=num_items_in_batch,
+            chunk_rows=self.loss_chunk_rows,
+        )
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = round(math.exp(min(logs["eval_loss"], 50.0)), 3)
+        if "loss" in logs and self.state.num_input_tokens_seen:
+            now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
+            last_time, last_tokens = self._last_log
+            if tokens > last_tokens:
+                logs["tokens_per_second"] = round((tokens - last_tokens) / (now - last_time), 1)
+                self._set_progress_postfix(logs["tokens_per_second"])
+            self._last_log = (now, tokens)
+        super().log(logs, start_time)
+
+    def _set_progress_postfix(self, tokens_per_second: float) -> None:
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                callback.training_bar.set_postfix(tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+
+
+class CsvLogCallback(TrainerCallback):
+    """Appends every log record to `<output_dir>/log.csv` (one row per record, columns grow as needed)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        rows = []
+        if self.path.exists():
+            with self.path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        rows.append({"step": state.global_step, "tokens_seen": state.num_input_tokens_seen, **logs})
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+
+class SampleGenerationCallback(TrainerCallback):
+    """Continues a few fixed prompts at each evaluation, prints them and keeps them in `samples.jsonl`."""
+
+    def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, path: str | Path):
+        self.tokenizer, self.prompts, self.max_new_tokens, self.path = tokenizer, prompts, max_new_tokens, Path(path)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if not self.prompts or model is None or not state.is_world_process_zero:
+            return
+        was_training = model.training
+        model.eval()
+        records = []
+        with torch.no_grad():
+            for prompt in self.prompts:
+                inputs = self.tokenizer(prompt, return_tensors="pt").to(model.device)
+                output = model.generate(
+                    **inputs, max_new_tokens=self.max_new_tokens, do_sample=True, top_k=50, temperature=0.8,
+                    pad_token_id=self.tokenizer.eos_token_id,
+                )
+                text = self.tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                records.append({"step": state.global_step, "prompt": prompt, "completion": text})
+                logger.info("sample @ step %d: %s|%s", state.global_step, prompt, text)
+        with self.path.open("a", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        model.train(was_training)
+
+
+class GracefulInterruptCallback(TrainerCallback):
+    """First Ctrl-C: save a checkpoint and stop after the current step. Second Ctrl-C: stop now."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Interrupted: saving a checkpoint after this step (Ctrl-C again to abort without saving).")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
+    """`auto` -> newest checkpoint in `output_dir` (or None); a path must exist."""
+    if resume_from_checkpoint in (None, "", "false", "False"):
+        return None
+    if resume_from_checkpoint == "auto":
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        logger.info("resume: %s", f"continuing from {last}" if last else "no checkpoint yet, starting fresh")
+        return last
+    if not os.path.isdir(resume_from_checkpoint):
+        raise FileNotFoundError(f"resume_from_checkpoint={resume_from_checkpoint} is not a checkpoint directory.")
+    return resume_from_checkpoint
+
+
+def refuse_foreign_output_dir(output_dir: str, resume: str | None) -> None:
+    """Starting fresh into a directory that already holds checkpoints would mix two runs."""
+    if resume is None and os.path.isdir(output_dir) and get_last_checkpoint(output_dir):
+        raise FileExistsError(
+            f"{output_dir} already holds checkpoints; continue with --resume, or choose another --output_dir."
+        )
+
+
+def default_generation_config(tokenizer, max_new_tokens: int = 128) -> GenerationConfig:
+    return GenerationConfig(
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        do_sample=True, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1, max_new_tokens=max_new_tokens,
+    )
+
+
+def plot_loss_curve(log_history: list[dict], path: str | Path, title: str) -> None:
+    """Training and evaluation loss against tokens seen, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        points = [(r.get("num_input_tokens_seen", r["step"]), r[key]) for r in log_history if key in r]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    uses_tokens = any("num_input_tokens_seen" in r for r in log_history)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "validation")):
+        xs, ys = series(key)
+        if xs:
+            axis.plot(xs, ys, marker="o" if key == "eval_loss" else None, markersize=3, label=label)
+    axis.set_xlabel("tokens seen" if uses_tokens else "step")
+    axis.set_ylabel("cross-entropy loss (nats)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    figure.savefig(tmp, dpi=120)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+def write_model_card(path: Path, title: str, description: str, facts: dict) -> None:
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "language: en", "tags: [gpt2, trm]", "---",
+        f"# {title}", "", description, "", "| | |", "|---|---|",
+    ]
+    lines += [f"| {key} | {value} |" for key, value in facts.items()]
+    lines += ["", "![loss curve](loss_curve.png)", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def save_final_model(trainer: Trainer, output_dir: str, card_title: str, card_description: str, card_facts: dict) -> None:
+    """Write the Hub-format model directory atomically (per file) into `output_dir`."""
+    final = Path(output_dir)
+    staging = final / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    trainer.save_model(str(staging))
+    plot_loss_curve(trainer.state.log_history, staging / "loss_curve.png", card_title)
+    write_model_card(staging / "README.md", card_title, card_description, card_facts)
+    (staging / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    (staging / "training_args.bin").unlink(missing_ok=True)  # pickled; the recipe and log.csv say the same
+    for item in staging.iterdir():
+        os.replace(item, final / item.name)
+    staging.rmdir()
+
+
+def build_callbacks(output_dir: str, tokenizer, model_args: ModelArguments, early_stopping: bool) -> list[TrainerCallback]:
+    from transformers import EarlyStoppingCallback
+
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    callbacks: list[TrainerCallback] = [
+        CsvLogCallback(Path(output_dir) / "log.csv"),
+        SampleGenerationCallback(tokenizer, model_args.sample_prompts, model_args.sample_max_new_tokens, Path(output_dir) / "samples.jsonl"),
+        GracefulInterruptCallback(),
+    ]
+    if early_stopping:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=model_args.early_stopping_patience))
+    return callbacks
+
+
+def collate_blocks(features: list[dict]) -> dict[str, torch.Tensor]:
+    """Packed phase-1 blocks: every token is a label (the model shifts them), no padding, no mask."""
+    input_ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": input_ids}
