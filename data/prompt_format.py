@@ -81,3 +81,12 @@ def render(messages: Iterable[dict], add_generation_prompt: bool = False) -> tup
 def generation_prompt(messages: Iterable[dict]) -> str:
     """The text a model continues to produce the next assistant reply."""
     return render(messages, add_generation_prompt=True)[0]
+
+
+# Reading comprehension (SQuAD) uses one user-message layout and one fixed reply for questions the
+# passage cannot answer (SQuAD v2.0), in training and in evaluation alike.
+NO_ANSWER_REPLY = "The passage does not contain the answer to this question."
+
+
+def reading_comprehension_message(passage: str, question: str) -> str:
+    return f"Answer the question using the passage.\n\nPassage: {passage.strip()}\n\nQuestion: {question.strip()}"

@@ -7,7 +7,7 @@ Design decisions:
 - Parsing is `HfArgumentParser`'s: the recipe's values become the parser's defaults and the command
   line is parsed on top, so types, `--help` and error messages are the ones Hugging Face users know.
 - A key the dataclasses do not know is an error naming the key, not a silently ignored typo.
-- `--resume` is shorthand for `--resume_from_checkpoint auto`.
+- `--resume` is shorthand for `--resume_from_checkpoint auto`; `--KEY null` sets a key to None, as in YAML.
 """
 
 from __future__ import annotations
@@ -79,5 +79,8 @@ def parse_recipe(
     outputs = []
     for dtype in dataclass_types:
         names = {field for field in dtype.__dataclass_fields__ if dtype.__dataclass_fields__[field].init}
-        outputs.append(dtype(**{name: value for name, value in vars(parsed).items() if name in names}))
+        values = {name: value for name, value in vars(parsed).items() if name in names}
+        # `--KEY null` on the command line means what `KEY: null` means in YAML.
+        values = {name: None if value in ("null", "None", "none") else value for name, value in values.items()}
+        outputs.append(dtype(**values))
     return tuple(outputs)

@@ -1,0 +1,59 @@
+# TRM: train a small GPT-2 from scratch on a CPU, then instruction-tune it and talk to it.
+# Two set-up commands: `make quickstart` (environment + the whole pipeline on a bundled sample) and `make test`.
+
+PYTHON        ?= python3
+VENV          ?= .venv
+PY            := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# Optional wheel index for torch, e.g. the PyTorch CPU index on Linux to avoid a multi-GB CUDA build.
+TORCH_INDEX   ?=
+ARGS          ?=
+MODEL         ?= outputs/phase2
+PHASE1_MODEL  ?= outputs/phase1
+
+.PHONY: venv test quickstart pretrain sft eval generate chat push bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+pretrain: venv
+	$(PY) run_clm.py recipes/phase1_pretraining.yaml $(ARGS)
+
+sft: venv
+	$(PY) run_sft.py recipes/phase2_instruction_tuning.yaml --model_name_or_path $(PHASE1_MODEL) $(ARGS)
+
+eval: venv
+	$(PY) run_eval.py $(MODEL) $(if $(TEXT),--text_file $(TEXT)) $(if $(SQUAD),--squad_file $(SQUAD)) \
+		$(if $(SQUAD_V2),--squad_v2_file $(SQUAD_V2)) $(if $(LIMIT),--limit $(LIMIT)) $(ARGS)
+
+generate: venv
+	$(PY) run_chat.py $(MODEL) --prompt "$(PROMPT)" $(ARGS)
+
+chat: venv
+	$(PY) run_chat.py $(MODEL) $(ARGS)
+
+push: venv
+	@test -n "$(HUB_ID)" || (echo "usage: make push MODEL=DIR HUB_ID=user/name" && exit 2)
+	$(PY) -m trm.hub $(MODEL) $(HUB_ID)
+
+bench: venv
+	$(PY) benchmarks/train_throughput.py $(ARGS)
+
+quickstart: venv
+	rm -rf outputs/quickstart
+	$(PY) run_clm.py recipes/quickstart_phase1.yaml
+	$(PY) run_eval.py outputs/quickstart/phase1 --text_file data/samples/wiki_sample.jsonl.gz --limit 20
+	$(PY) run_sft.py recipes/quickstart_phase2.yaml
+	$(PY) run_eval.py outputs/quickstart/phase2 --squad_file data/samples/squad_v2_sample.json --limit 20
+	echo "What is the capital of France?" | $(PY) run_chat.py outputs/quickstart/phase2 --max_new_tokens 40
+
+clean:
+	rm -rf outputs cache

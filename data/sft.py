@@ -1,0 +1,201 @@
+"""Phase-2 data: conversations -> prompt format -> token ids with label masks, balanced across sources.
+
+Design decisions:
+- One rendering (`data.prompt_format.render`) and one tokenisation of the whole text; a token carries a
+  label when its first character lies inside an assistant span, so exactly the reply tokens and their
+  closing `<|endoftext|>` are learned and every prompt token has label -100.
+- No packing: each example is its own row, padded per batch (`DataCollatorForSeq2Seq`, labels padded
+  with -100) and batched by length (`train_sampling_strategy: group_by_length`), so attention never
+  crosses examples and padding waste stays small.
+- Nothing is cut silently. A SQuAD passage too long for the context is windowed around the answer (or
+  from the start, for unanswerable questions) so the answer stays inside; a dialogue too long keeps its
+  leading exchanges; an example that cannot fit is dropped. Every such case is counted per source.
+- Validation: a hash of each example's group picks `validation_split_percentage` of groups per source,
+  capped at `validation_max_examples`; at least one group per source is held out.
+- Balancing: each source's training examples are capped (`<source>_max_examples`, a seeded sample);
+  the defaults keep the 10x larger SQuAD from swamping DailyDialog and Alpaca. The final mix (examples,
+  tokens, label tokens per source) is returned for the run to print.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from datasets import Dataset, DatasetDict, concatenate_datasets
+
+from data.files import DataError, SkipCounter
+from data.instruction_sources import Conversation, load_source
+from data.prompt_format import NO_ANSWER_REPLY, reading_comprehension_message, render
+
+logger = logging.getLogger(__name__)
+SOURCES = ("alpaca", "squad", "squad_v2", "dailydialog", "chat")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SftDataArguments:
+    """Phase-2 sources (a local path, `hub`, or empty to leave a source out) and how they are mixed."""
+
+    alpaca_file: str | None = field(default=None, metadata={"help": "Alpaca JSON list, or 'hub' for tatsu-lab/alpaca."})
+    squad_file: str | None = field(default=None, metadata={"help": "SQuAD v1.1 official JSON, or 'hub'."})
+    squad_v2_file: str | None = field(default=None, metadata={"help": "SQuAD v2.0 official JSON, or 'hub'."})
+    dailydialog_file: str | None = field(default=None, metadata={"help": "DailyDialog dialogues_*.txt, or 'hub'."})
+    chat_file: str | None = field(default=None, metadata={"help": "Chat JSONL with a 'messages' list per line."})
+    alpaca_max_examples: int | None = field(default=20_000, metadata={"help": "Training cap for Alpaca."})
+    squad_max_examples: int | None = field(default=10_000, metadata={"help": "Training cap for SQuAD v1.1."})
+    squad_v2_max_examples: int | None = field(default=10_000, metadata={"help": "Training cap for SQuAD v2.0."})
+    dailydialog_max_examples: int | None = field(default=12_000, metadata={"help": "Training cap for DailyDialog."})
+    chat_max_examples: int | None = field(default=None, metadata={"help": "Training cap for chat JSONL."})
+    validation_split_percentage: float = field(default=5.0, metadata={"help": "Share of groups held out per source."})
+    validation_max_examples: int = field(default=200, metadata={"help": "Validation cap per source."})
+    max_seq_length: int = field(default=256, metadata={"help": "Tokens per example (the context length)."})
+
+
+def _hash_fraction(key: str) -> float:
+    return int(hashlib.blake2b(key.encode(), digest_size=8).hexdigest(), 16) / 2**64
+
+
+def encode_messages(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a conversation: labels are the ids on assistant replies, -100 elsewhere."""
+    text, spans = render(messages)
+    encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    labels = []
+    for token, (start, _end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+        inside = any(span_start <= start < span_end for span_start, span_end in spans)
+        labels.append(token if inside else IGNORE_INDEX)
+    return encoding["input_ids"], labels
+
+
+def fit_passage(passage: str, question: str, reply: str, tokenizer, max_length: int, anchor: int | None) -> str | None:
+    """The longest window of `passage` (around character `anchor`, else from the start) that fits with the question and reply."""
+    def length(text: str) -> int:
+        messages = [{"role": "user", "content": reading_comprehension_message(text, question)}, {"role": "assistant", "content": reply}]
+        return len(tokenizer(render(messages)[0], add_special_tokens=False)["input_ids"])
+
+    if length(passage) <= max_length:
+        return passage
+    budget = max_length - length("")
+    offsets = tokenizer(passage, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    while budget > 0:
+        if anchor is None:
+            first = 0
+        else:
+            anchor_token = next((i for i, (s, e) in enumerate(offsets) if e > anchor), len(offsets) - 1)
+            first = max(0, min(anchor_token - budget // 2, len(offsets) - budget))
+        last = min(len(offsets), first + budget)
+        window = passage[offsets[first][0]:offsets[last - 1][1]]
+        answer_inside = anchor is None or offsets[first][0] <= anchor < offsets[last - 1][1]
+        if answer_inside and length(window) <= max_length:
+            return window
+        budget -= 8  # re-tokenising a window can add a few tokens at its edges
+    return None
+
+
+def _reply_and_passage(conversation: Conversation, tokenizer, max_length: int, counts: SkipCounter) -> list[dict] | None:
+    reply = conversation.answers[0] if conversation.answers else NO_ANSWER_REPLY
+    passage = fit_passage(conversation.passage, conversation.question, reply, tokenizer, max_length, conversation.answer_start)
+    if passage is None:
+        counts["dropped: question and answer alone exceed the context"] += 1
+        return None
+    if passage != conversation.passage:
+        counts["shortened: passage windowed around the answer"] += 1
+    return [
+        {"role": "user", "content": reading_comprehension_message(passage, conversation.question)},
+        {"role": "assistant", "content": reply},
+    ]
+
+
+def _fit_dialogue(messages: list[dict], tokenizer, max_length: int, counts: SkipCounter) -> tuple[list[int], list[int]] | None:
+    kept = list(messages)
+    while kept:
+        ids, labels = encode_messages(kept, tokenizer)
+        if len(ids) <= max_length:
+            if len(kept) < len(messages):
+                counts["shortened: trailing turns dropped to fit the context"] += 1
+            return ids, labels
+        kept = kept[:-2] if len(kept) > 2 else []
+    counts["dropped: first exchange alone exceeds the context"] += 1
+    return None
+
+
+def encode_conversation(conversation: Conversation, tokenizer, max_length: int, counts: SkipCounter) -> dict | None:
+    messages = conversation.messages
+    if conversation.passage is not None:
+        messages = _reply_and_passage(conversation, tokenizer, max_length, counts)
+        if messages is None:
+            return None
+    fitted = _fit_dialogue(messages, tokenizer, max_length, counts)
+    if fitted is None:
+        return None
+    ids, labels = fitted
+    return {"input_ids": ids, "labels": labels, "length": len(ids), "source": conversation.source}
+
+
+def _split_groups(conversations: list[Conversation], args: SftDataArguments) -> tuple[list, list]:
+    train, validation = [], []
+    for conversation in conversations:
+        held_out = _hash_fraction(conversation.group) < args.validation_split_percentage / 100
+        (validation if held_out else train).append(conversation)
+    if not validation and len({c.group for c in conversations}) > 1:
+        group = min((c.group for c in conversations), key=_hash_fraction)
+        validation = [c for c in conversations if c.group == group]
+        train = [c for c in conversations if c.group != group]
+    return train, validation
+
+
+def prepare_sft_data(args: SftDataArguments, tokenizer, seed: int = 42) -> tuple[DatasetDict, dict]:
+    """Return train/validation datasets of `input_ids`, `labels`, `length` and a per-source report."""
+    sources = {s: getattr(args, f"{s}_file") for s in SOURCES if getattr(args, f"{s}_file")}
+    if not sources:
+        raise DataError("no phase-2 source given; set at least one of " + ", ".join(f"{s}_file" for s in SOURCES) + ".")
+    rng = random.Random(seed)
+    report: dict = {}
+    splits: dict[str, list[Dataset]] = defaultdict(list)
+    for source, path in sources.items():
+        counts = SkipCounter()
+        conversations = list(load_source(source, path, counts))
+        if not conversations:
+            raise DataError(f"{source}: no usable examples in {path} (skipped: {counts.describe()}).")
+        train, validation = _split_groups(conversations, args)
+        cap = getattr(args, f"{source}_max_examples")
+        if cap is not None and len(train) > cap:
+            train = rng.sample(train, cap)
+        validation = validation[: args.validation_max_examples]
+        source_report = {"records": len(conversations)}
+        for split, items in (("train", train), ("validation", validation)):
+            rows = [row for c in items if (row := encode_conversation(c, tokenizer, args.max_seq_length, counts))]
+            source_report[split] = {
+                "examples": len(rows),
+                "tokens": sum(r["length"] for r in rows),
+                "label_tokens": sum(sum(t != IGNORE_INDEX for t in r["labels"]) for r in rows),
+            }
+            if rows:
+                splits[split].append(Dataset.from_list(rows))
+        source_report["train_cap"] = cap
+        source_report["skipped_or_changed"] = dict(counts)
+        report[source] = source_report
+    if not splits["train"] or not splits["validation"]:
+        raise DataError("phase 2 needs at least one training and one validation example; give more data.")
+    datasets_ = DatasetDict(
+        train=concatenate_datasets(splits["train"]).shuffle(seed=seed),
+        validation=concatenate_datasets(splits["validation"]),
+    )
+    return datasets_, report
+
+
+def describe_mix(report: dict) -> str:
+    header = f"{'source':<12} {'records':>8} {'train ex':>9} {'train tok':>10} {'share':>6} {'val ex':>7}"
+    total_tokens = sum(r["train"]["tokens"] for r in report.values()) or 1
+    lines = ["Phase-2 mix:", header]
+    for source, r in report.items():
+        lines.append(
+            f"{source:<12} {r['records']:>8,} {r['train']['examples']:>9,} {r['train']['tokens']:>10,} "
+            f"{r['train']['tokens'] / total_tokens:>6.1%} {r['validation']['examples']:>7,}"
+        )
+        if r["skipped_or_changed"]:
+            lines.append(f"{'':<12} skipped or changed: {SkipCounter(r['skipped_or_changed']).describe()}")
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Phase 2: instruction-tune the phase-1 model on Alpaca, SQuAD v1.1/v2.0 and DailyDialog, replies only.
+
+    python run_sft.py recipes/phase2_instruction_tuning.yaml [--model_name_or_path DIR] [--KEY VALUE ...] [--resume]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments
+
+from data.sft import SftDataArguments, describe_mix, prepare_sft_data
+from data.tokenizer import load_tokenizer
+from models.gpt2 import parameter_counts
+from trm import rules
+from trm.cli import run_main
+from trm.recipe import parse_recipe
+from trm.training import (
+    ModelArguments, TrmTrainer, build_callbacks, default_generation_config,
+    refuse_foreign_output_dir, resolve_resume_checkpoint, save_final_model,
+)
+
+logger = logging.getLogger("run_sft")
+PHASE = "instruction_tuning"
+DEFAULTS = {
+    "use_cpu": True, "include_num_input_tokens_seen": True, "report_to": ["tensorboard"],
+    "train_sampling_strategy": "group_by_length", "remove_unused_columns": False,
+}
+
+
+def load_phase1_model(path: str | None):
+    """The phase-1 model directory, loaded with `from_pretrained`; anything else is refused."""
+    if not path:
+        raise rules.RuleViolation("phase 2 starts from the phase-1 model: set model_name_or_path to its directory.")
+    folder = Path(path)
+    if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in rules.WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"model_name_or_path={path} is not a trained model directory (config.json and model.safetensors); run `make pretrain` first."
+        )
+    return AutoModelForCausalLM.from_pretrained(str(folder))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_recipe(
+        (ModelArguments, SftDataArguments, TrainingArguments), argv, defaults=DEFAULTS
+    )
+    rules.check_no_retrieval_settings({**vars(model_args), **vars(data_args)})
+    rules.check_tokenizer(model_args.tokenizer_name)
+    rules.check_epochs(PHASE, training_args.num_train_epochs)
+    rules.check_device(training_args.use_cpu, training_args.bf16, training_args.fp16)
+    model = load_phase1_model(model_args.model_name_or_path)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    refuse_foreign_output_dir(training_args.output_dir, resume)
+
+    tokenizer = load_tokenizer(model_max_length=data_args.max_seq_length)
+    if model.config.n_positions < data_args.max_seq_length:
+        raise rules.RuleViolation(f"max_seq_length {data_args.max_seq_length} exceeds the model's context {model.config.n_positions}.")
+    datasets_, report = prepare_sft_data(data_args, tokenizer, seed=training_args.seed)
+    logger.info("%s", describe_mix(report))
+    model.generation_config = default_generation_config(tokenizer)
+    counts = parameter_counts(model)
+    examples_per_step = (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * max(1, training_args.world_size)
+    )
+    rules.check_step_budget(PHASE, training_args.max_steps, examples_per_step, len(datasets_["train"]))
+
+    trainer = TrmTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets_["train"].remove_columns(["source"]),
+        eval_dataset=datasets_["validation"].remove_columns(["source", "length"]),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt"),
+        processing_class=tokenizer,
+        callbacks=build_callbacks(training_args.output_dir, tokenizer, model_args, early_stopping=training_args.load_best_model_at_end),
+        loss_chunk_rows=model_args.loss_chunk_rows,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    metrics = {**train_result.metrics, **trainer.evaluate()}
+    metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
+    trainer.log_metrics("final", metrics)
+    mix = ", ".join(f"{s} {r['train']['examples']:,}" for s, r in report.items())
+    save_final_model(
+        trainer,
+        training_args.output_dir,
+        card_title="TRM phase 2: instruction-tuned GPT-2",
+        card_description=(
+            "The phase-1 TRM model tuned on instructions, reading comprehension and dialogue, with the loss on "
+            "reply tokens only. Prompt format (also the tokenizer's chat template): `User: ...\\nAssistant: ...<|endoftext|>`."
+        ),
+        card_facts={
+            "started from": model_args.model_name_or_path,
+            "training examples": mix,
+            "parameters": f"{counts['total']:,}",
+            "epochs": f"{metrics.get('epoch', 0):.2f}",
+            "learning rate": training_args.learning_rate,
+            "validation loss (reply tokens)": f"{metrics['eval_loss']:.4f}",
+        },
+    )
+    logger.info("model saved to %s", training_args.output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main)
