@@ -81,7 +81,7 @@ def load_alpaca(path: str, skipped: SkipCounter) -> Iterator[Conversation]:
         yield Conversation("alpaca", f"alpaca:{instruction}", [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}])
 
 
-def _squad_rows_from_official(document: dict, path: str) -> Iterator[dict]:
+def squad_rows_from_official(document: dict, path: str) -> Iterator[dict]:
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
         raise DataError(f"{path}: not a SQuAD file (expected {{'version', 'data': [...]}}).")
     for article in document["data"]:
@@ -100,7 +100,7 @@ def _squad_rows_from_hub(dataset) -> Iterator[dict]:
 def load_squad(path: str, skipped: SkipCounter, version: str) -> Iterator[Conversation]:
     """SQuAD v1.1 / v2.0 in the official nested JSON layout, or the Hub's flat rows."""
     source = "squad_v2" if version == "2.0" else "squad"
-    rows = _squad_rows_from_hub(_load_hub(source)) if path == "hub" else _squad_rows_from_official(load_json_document(path), path)
+    rows = _squad_rows_from_hub(_load_hub(source)) if path == "hub" else squad_rows_from_official(load_json_document(path), path)
     for row in rows:
         context, question = _text(row.get("context")), _text(row.get("question"))
         answers = [a for a in row.get("answers") or [] if isinstance(a, dict) and _text(a.get("text"))]
@@ -136,7 +136,7 @@ def detokenize_dialogue(text: str) -> str:
     return " ".join(SPACE_AFTER_OPEN.sub(r"\1", text).split())
 
 
-def _dialogue_conversation(turns: list[str], index: int, skipped: SkipCounter) -> Conversation | None:
+def _dialogue_conversation(turns: list[str], skipped: SkipCounter) -> Conversation | None:
     turns = [detokenize_dialogue(t) for t in turns if t and t.strip()]
     if len(turns) % 2:
         turns = turns[:-1]
@@ -156,11 +156,11 @@ def load_dailydialog(path: str, skipped: SkipCounter) -> Iterator[Conversation]:
         dialogues = (line["text"].split("__eou__") for line in read_records(path, skipped, text_sample_by="line"))
     else:
         dialogues = (r.get("dialog") for r in read_records(path, skipped))
-    for index, turns in enumerate(dialogues):
+    for turns in dialogues:
         if not isinstance(turns, list):
             skipped["records without a dialog list"] += 1
             continue
-        conversation = _dialogue_conversation(turns, index, skipped)
+        conversation = _dialogue_conversation(turns, skipped)
         if conversation:
             yield conversation
 

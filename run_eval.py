@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Evaluate a TRM model directory: perplexity / bits per byte, SQuAD v1.1 and v2.0, instruction following.
+
+    python run_eval.py outputs/phase1 --text_file held_out.txt
+    python run_eval.py outputs/phase1 --prepared_dir cache/data/phase1-<key>     # the prepared validation split
+    python run_eval.py outputs/phase2 --squad_file dev-v1.1.json --squad_v2_file dev-v2.0.json --limit 500
+    python run_eval.py outputs/phase2                                             # the fixed instruction list
+
+Prints a table and writes a JSON report (default: <model>/eval_report.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from trm.cli import run_main
+from trm.evaluation import blocks_perplexity, instruction_evaluation, squad_evaluation, text_blocks
+from trm.generation import load_model
+
+DEFAULT_INSTRUCTIONS = Path(__file__).resolve().parent / "data" / "samples" / "eval_instructions.txt"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_name_or_path")
+    parser.add_argument("--text_file", nargs="+", help="text files for perplexity (.txt/.jsonl/.json/.parquet, compressed too)")
+    parser.add_argument("--prepared_dir", help="a prepared phase-1 dataset folder (cache/data/phase1-*)")
+    parser.add_argument("--split", default="validation", help="split of --prepared_dir")
+    parser.add_argument("--squad_file", help="SQuAD v1.1 JSON (official layout)")
+    parser.add_argument("--squad_v2_file", help="SQuAD v2.0 JSON (official layout)")
+    parser.add_argument("--instructions_file", default=None, help=f"one instruction per line (default: {DEFAULT_INSTRUCTIONS.name})")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many documents / questions per set")
+    parser.add_argument("--max_new_tokens", type=int, default=128, help="reply length for instructions")
+    parser.add_argument("--report", default=None, help="JSON report path (default: <model>/eval_report.json)")
+    return parser.parse_args(argv)
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model, tokenizer = load_model(args.model_name_or_path)
+    block_size = int(model.config.n_positions)
+    report: dict = {"model": args.model_name_or_path}
+    rows: list[tuple[str, str, str]] = []
+
+    if args.text_file:
+        blocks, info = text_blocks(args.text_file, tokenizer, block_size, args.limit)
+        report["text"] = {**blocks_perplexity(model, blocks, tokenizer), **info}
+    if args.prepared_dir:
+        from datasets import load_from_disk
+
+        folder = Path(args.prepared_dir)
+        dataset = load_from_disk(str(folder / "dataset" if (folder / "dataset").is_dir() else folder))[args.split]
+        blocks = dataset["input_ids"][: args.limit] if args.limit else dataset["input_ids"]
+        report["prepared"] = blocks_perplexity(model, [list(b) for b in blocks], tokenizer)
+    for key in ("text", "prepared"):
+        if key in report:
+            r = report[key]
+            rows += [(key, "perplexity", f"{r['perplexity']:.2f}"), (key, "bits per byte", f"{r['bits_per_byte']:.4f}"),
+                     (key, "tokens", f"{r['tokens']:,}")]
+
+    for key, path in (("squad_v1.1", args.squad_file), ("squad_v2.0", args.squad_v2_file)):
+        if path:
+            scores = squad_evaluation(model, tokenizer, path, args.limit)
+            report[key] = scores
+            for name in ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "total"):
+                if name in scores:
+                    rows.append((key, name, f"{scores[name]:.2f}" if name != "total" else str(scores[name])))
+
+    if args.instructions_file or not (args.text_file or args.prepared_dir or args.squad_file or args.squad_v2_file):
+        path = Path(args.instructions_file or DEFAULT_INSTRUCTIONS)
+        instructions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        result = instruction_evaluation(model, tokenizer, instructions[: args.limit], args.max_new_tokens)
+        report["instructions"] = result
+        rows += [("instructions", "ended by itself", f"{result['ended_by_itself']:.1%}"),
+                 ("instructions", "in format", f"{result['in_format']:.1%}"),
+                 ("instructions", "count", str(result["instructions"]))]
+
+    print(f"\n{'set':<14} {'metric':<16} {'value':>12}")
+    for name, metric, value in rows:
+        print(f"{name:<14} {metric:<16} {value:>12}")
+    report_path = Path(args.report) if args.report else Path(args.model_name_or_path) / "eval_report.json"
+    write_json_atomically(report_path, report)
+    print(f"\nreport: {report_path}")
+    return report
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,127 @@
+"""Evaluation of a model directory: perplexity and bits per byte, SQuAD EM/F1, instruction following.
+
+Design decisions:
+- Perplexity text goes through the phase-1 cleaning and packing, so numbers on a raw file are
+  comparable with the validation loss of training. Blocks do not overlap; the first token of each
+  block is context only. Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the
+  predicted tokens, which makes models with different tokenizers comparable.
+- SQuAD prompts are built by the same helpers as the training data; passages too long for the context
+  are cut from the start (the answer position is unknown at test time) and counted. A reply equal to
+  the fixed no-answer reply counts as "no answer". Scores come from the local `evaluate` metric in
+  `trm/metrics/squad`, which needs no network.
+- Instruction following: each fixed instruction is answered greedily; a reply "in format" is non-empty,
+  ends with `<|endoftext|>` by itself and does not start another turn.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.cleaning import clean_text
+from data.files import SkipCounter, load_json_document, read_records
+from data.instruction_sources import squad_rows_from_official
+from data.prompt_format import ASSISTANT_PREFIX, NO_ANSWER_REPLY, USER_PREFIX, reading_comprehension_message
+from data.sft import fit_passage
+from models.gpt2 import chunked_lm_loss
+from trm.generation import SamplingSettings, generate_reply
+
+SQUAD_METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "squad"
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes of each token id (GPT-2 tokens are byte-level: one character per byte; specials count 0)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    lengths = np.array([len(token) for token in tokens], dtype=np.int64)
+    lengths[tokenizer.all_special_ids] = 0
+    return lengths
+
+
+@torch.no_grad()
+def blocks_perplexity(model, blocks: list[list[int]], tokenizer) -> dict:
+    """Summed next-token loss over blocks of token ids; returns perplexity and bits per byte."""
+    byte_lengths = token_byte_lengths(tokenizer)
+    total_nll, total_tokens, total_bytes = 0.0, 0, 0
+    model.eval()
+    for block in blocks:
+        ids = torch.tensor([block], dtype=torch.long)
+        total_nll += float(chunked_lm_loss(model, ids, ids, torch.ones_like(ids), num_items_in_batch=1))
+        total_tokens += len(block) - 1
+        total_bytes += int(byte_lengths[block[1:]].sum())
+    loss = total_nll / max(total_tokens, 1)
+    return {
+        "tokens": total_tokens, "bytes": total_bytes, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+        "bits_per_byte": total_nll / math.log(2) / max(total_bytes, 1),
+    }
+
+
+def text_blocks(paths: list[str], tokenizer, block_size: int, limit: int | None) -> tuple[list[list[int]], dict]:
+    """Clean, tokenise and cut text files into non-overlapping blocks (the last one may be shorter)."""
+    skipped = SkipCounter()
+    stream: list[int] = []
+    documents = 0
+    for path in paths:
+        for record in read_records(path, skipped):
+            if limit is not None and documents >= limit:
+                break
+            text = clean_text(record.get("text") or "") if isinstance(record.get("text", ""), str) else ""
+            if not text:
+                skipped["records without text"] += 1
+                continue
+            stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            documents += 1
+    blocks = [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
+    return [b for b in blocks if len(b) > 1], {"documents": documents, "skipped": dict(skipped)}
+
+
+def squad_rows(path: str, limit: int | None) -> list[dict]:
+    rows = []
+    for row in squad_rows_from_official(load_json_document(path), path):
+        if row.get("context") and row.get("question"):
+            rows.append({"id": row.get("id"), "context": row["context"], "question": row["question"],
+                         "answers": [a["text"] for a in row.get("answers") or [] if isinstance(a, dict) and a.get("text")]})
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def squad_evaluation(model, tokenizer, path: str, limit: int | None, max_new_tokens: int = 32) -> dict:
+    import evaluate
+
+    context = int(model.config.n_positions)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
+    predictions, references, examples, truncated = [], [], [], 0
+    placeholder_reply = " ".join(["x"] * max_new_tokens)  # reserves room for the reply in the context
+    for row in squad_rows(path, limit):
+        passage = fit_passage(row["context"], row["question"], placeholder_reply, tokenizer, context, anchor=None)
+        if passage is None:
+            passage = ""
+        truncated += passage != row["context"]
+        messages = [{"role": "user", "content": reading_comprehension_message(passage, row["question"])}]
+        reply, _ = generate_reply(model, tokenizer, messages, settings)
+        prediction = "" if reply.strip() == NO_ANSWER_REPLY else reply.strip()
+        predictions.append(prediction)
+        references.append(row["answers"])
+        examples.append({"id": row["id"], "question": row["question"], "prediction": reply, "answers": row["answers"]})
+    metric = evaluate.load(str(SQUAD_METRIC_DIR))
+    scores = metric.compute(predictions=predictions, references=references)
+    return {**scores, "passages_truncated": truncated, "examples": examples[:20]}
+
+
+def instruction_evaluation(model, tokenizer, instructions: list[str], max_new_tokens: int = 128) -> dict:
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True)
+    answers = []
+    for instruction in instructions:
+        reply, ended = generate_reply(model, tokenizer, [{"role": "user", "content": instruction}], settings)
+        in_format = ended and bool(reply) and USER_PREFIX.strip() not in reply and ASSISTANT_PREFIX not in reply
+        answers.append({"instruction": instruction, "reply": reply, "ended_by_itself": ended, "in_format": in_format})
+    count = max(len(answers), 1)
+    return {
+        "instructions": len(answers),
+        "ended_by_itself": sum(a["ended_by_itself"] for a in answers) / count,
+        "in_format": sum(a["in_format"] for a in answers) / count,
+        "answers": answers,
+    }

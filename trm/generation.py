@@ -1,0 +1,77 @@
+"""Talking to a trained model: loading it, fitting a conversation into the context, generating a reply.
+
+Design decisions:
+- Prompts come from `data.prompt_format.generation_prompt`, the function that also formats the
+  training data, so chat, one-shot generation and evaluation see exactly what training taught.
+- Replies stop at `<|endoftext|>` through the model's generation config (its EOS), with no extra
+  stopping rule; whether a reply ended by itself is reported, because that is a quality signal.
+- History is trimmed oldest exchange first until the prompt plus `max_new_tokens` fits the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data.prompt_format import generation_prompt
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+    greedy: bool = False
+
+    def generate_kwargs(self) -> dict:
+        if self.greedy or self.temperature <= 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        return {
+            "do_sample": True, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+            "top_k": self.top_k, "top_p": self.top_p, "repetition_penalty": self.repetition_penalty,
+        }
+
+
+def load_model(path: str | Path):
+    """A TRM model directory (or any GPT-2 directory) and its tokenizer, loaded offline for inference."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a model directory (no config.json); train one with make pretrain / make sft.")
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model.eval()
+    return model, tokenizer
+
+
+def context_length(model) -> int:
+    return int(model.config.n_positions)
+
+
+def fit_history(messages: list[dict], tokenizer, max_prompt_tokens: int) -> list[dict] | None:
+    """Drop the oldest exchanges until the prompt fits; None if even the last user turn alone does not."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    while turns:
+        candidate = system + turns
+        if len(tokenizer(generation_prompt(candidate))["input_ids"]) <= max_prompt_tokens:
+            return candidate
+        turns = turns[2:]
+    return None
+
+
+@torch.no_grad()
+def generate_reply(model, tokenizer, messages: list[dict], settings: SamplingSettings, streamer=None) -> tuple[str, bool]:
+    """Generate the next assistant reply; return it and whether it ended with `<|endoftext|>` by itself."""
+    inputs = tokenizer(generation_prompt(messages), return_tensors="pt")
+    output = model.generate(
+        **inputs, **settings.generate_kwargs(), streamer=streamer,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+    )
+    new_tokens = output[0, inputs["input_ids"].shape[1]:].tolist()
+    ended = bool(new_tokens) and new_tokens[-1] == tokenizer.eos_token_id
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), ended
