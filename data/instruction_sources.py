@@ -34,6 +34,7 @@ HUB_DATASETS = {
 }
 SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([,.!?;:%)’]|n't|'s|'re|'m|'ll|'ve|'d)(?=\s|$|[,.!?])")
 SPACE_AFTER_OPEN = re.compile(r"([(“$])\s+")
+SPACED_CONTRACTION = re.compile(r"(\w) ?[’'] ?(s|t|m|re|ll|ve|d)\b")
 
 
 @dataclass
@@ -131,7 +132,7 @@ def load_squad(path: str, skipped: SkipCounter, version: str) -> Iterator[Conver
 
 def detokenize_dialogue(text: str) -> str:
     """Undo DailyDialog's tokenised spacing: 'Hi , Jim .' -> 'Hi, Jim.'"""
-    text = text.replace(" ’ ", "’").replace("’ ", "’")
+    text = SPACED_CONTRACTION.sub(r"\1'\2", text)
     text = SPACE_BEFORE_PUNCTUATION.sub(r"\1", text)
     return " ".join(SPACE_AFTER_OPEN.sub(r"\1", text).split())
 

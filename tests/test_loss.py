@@ -1,0 +1,60 @@
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from models.gpt2 import build_model, chunked_lm_loss, parameter_counts
+
+from conftest import TINY_CONFIG
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**TINY_CONFIG))
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, 4096])
+def test_chunked_loss_matches_the_stock_loss_and_gradients(chunk_rows):
+    model = _model()
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, 50257, (3, 40))
+    labels = input_ids.clone()
+    labels[0, :15] = -100
+    labels[2, 30:] = -100
+    mask = torch.ones_like(input_ids)
+
+    model.zero_grad()
+    stock = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    stock.backward()
+    stock_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    fast = chunked_lm_loss(model, input_ids, labels, attention_mask=mask, chunk_rows=chunk_rows)
+    fast.backward()
+    assert torch.allclose(fast, stock, atol=1e-5, rtol=1e-5)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, stock_grads[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_num_items_in_batch_normalisation_matches_the_stock_model():
+    model = _model()
+    input_ids = torch.randint(0, 50257, (2, 16))
+    stock = model(input_ids=input_ids, labels=input_ids, num_items_in_batch=100).loss
+    fast = chunked_lm_loss(model, input_ids, input_ids, num_items_in_batch=100)
+    assert torch.allclose(fast, stock, atol=1e-5)
+
+
+def test_no_gradients_are_computed_without_grad_mode():
+    model = _model()
+    input_ids = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        loss = chunked_lm_loss(model, input_ids, input_ids)
+    assert not loss.requires_grad and torch.isfinite(loss)
+
+
+def test_model_configs_and_parameter_counts():
+    tiny = parameter_counts(build_model("configs/gpt2-tiny.json"))
+    assert 15e6 <= tiny["total"] <= 18e6 and tiny["total"] == tiny["embedding"] + tiny["non_embedding"]
+    seed = build_model("configs/gpt2-seed-512x8.json")
+    assert seed.config.n_embd == 512 and seed.config.n_layer == 8 and 45e6 <= parameter_counts(seed)["total"] <= 55e6
+    with pytest.raises(FileNotFoundError):
+        build_model("configs/missing.json")

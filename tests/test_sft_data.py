@@ -1,0 +1,130 @@
+import json
+
+import pytest
+
+from data.files import SkipCounter
+from data.instruction_sources import detokenize_dialogue, load_source
+from data.prompt_format import CHAT_TEMPLATE, NO_ANSWER_REPLY, render
+from data.sft import IGNORE_INDEX, SftDataArguments, encode_conversation, encode_messages, prepare_sft_data
+from trm.rules import RuleViolation
+
+PASSAGE = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France. "
+           "They were descended from Norse raiders and pirates from Denmark, Iceland and Norway. ")
+
+
+def _squad_file(path, version, long_passage=False):
+    context = PASSAGE * (12 if long_passage else 1) + "Their leader was Rollo."
+    qas = [{"id": "1", "question": "Who was their leader?", "answers": [{"text": "Rollo", "answer_start": context.index("Rollo")}]}]
+    if version == "v2.0":
+        qas.append({"id": "2", "question": "Who was their queen?", "answers": [], "is_impossible": True})
+    qas.append({"id": "3", "question": "", "answers": []})
+    path.write_text(json.dumps({"version": version, "data": [{"title": "Normans", "paragraphs": [{"context": context, "qas": qas}]}]}))
+    return path
+
+
+def _load(source, path):
+    skipped = SkipCounter()
+    return list(load_source(source, str(path), skipped)), skipped
+
+
+def test_alpaca_with_and_without_input(tmp_path):
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+        {"instruction": "No output here.", "input": ""},
+        {"instruction": "", "input": "", "output": "orphan"},
+    ]))
+    conversations, skipped = _load("alpaca", path)
+    assert [c.messages[0]["content"] for c in conversations] == ["Name a colour.", "Translate to French.\n\ncat"]
+    assert skipped == {"records without instruction/output": 1, "records with an empty instruction or output": 1}
+
+
+def test_squad_v1_and_v2(tmp_path):
+    v1, skipped = _load("squad", _squad_file(tmp_path / "v1.json", "1.1"))
+    assert len(v1) == 1 and v1[0].answers == ["Rollo"] and skipped == {"questions without a passage or question text": 1}
+    v2, _ = _load("squad_v2", _squad_file(tmp_path / "v2.json", "v2.0"))
+    assert [c.answers for c in v2] == [["Rollo"], []]
+
+
+def test_unanswerable_questions_get_the_fixed_reply(tmp_path, tokenizer):
+    v2, _ = _load("squad_v2", _squad_file(tmp_path / "v2.json", "v2.0"))
+    row = encode_conversation(v2[1], tokenizer, 256, SkipCounter())
+    reply = tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX])
+    assert reply == f" {NO_ANSWER_REPLY}<|endoftext|>"
+
+
+def test_long_passages_are_windowed_around_the_answer(tmp_path, tokenizer):
+    conversations, _ = _load("squad", _squad_file(tmp_path / "long.json", "1.1", long_passage=True))
+    counts = SkipCounter()
+    row = encode_conversation(conversations[0], tokenizer, 256, counts)
+    assert row["length"] <= 256 and counts == {"shortened: passage windowed around the answer": 1}
+    text = tokenizer.decode(row["input_ids"])
+    assert "Their leader was Rollo" in text and text.endswith("Assistant: Rollo<|endoftext|>")
+
+
+def test_dailydialog_original_format(tmp_path):
+    path = tmp_path / "dialogues_train.txt"
+    path.write_text("Say , Jim , how about a beer ? __eou__ You know that is tempting . __eou__ What do you mean ? __eou__\n"
+                    "Hello ! __eou__\n")
+    conversations, skipped = _load("dailydialog", path)
+    assert len(conversations) == 1
+    assert conversations[0].messages == [
+        {"role": "user", "content": "Say, Jim, how about a beer?"}, {"role": "assistant", "content": "You know that is tempting."},
+    ]
+    assert skipped == {"final unanswered turns dropped (dialogue kept)": 2, "dialogues with fewer than two turns": 1}
+    assert detokenize_dialogue("I don't know , it ' s fine .") == "I don't know, it's fine."
+
+
+def test_chat_jsonl_counts_malformed_records_and_refuses_retrieval(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}),
+        json.dumps({"messages": [{"role": "assistant", "content": "wrong order"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "no reply"}]}),
+        "{broken",
+    ]))
+    conversations, skipped = _load("chat", path)
+    assert len(conversations) == 1
+    assert skipped == {"records with malformed messages": 1, "records that do not end with an assistant reply": 1,
+                       "JSON lines that do not parse": 1}
+    rag = tmp_path / "rag.jsonl"
+    rag.write_text(json.dumps({"messages": [], "retrieved_passages": ["..."]}))
+    with pytest.raises(RuleViolation, match="retrieval"):
+        _load("chat", rag)
+
+
+def test_only_replies_and_their_end_token_carry_labels(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye."}]
+    ids, labels = encode_messages(messages, tokenizer)
+    labelled = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode([ids[i] for i in labelled]) == " Hello!<|endoftext|> Goodbye.<|endoftext|>"
+    assert all(labels[i] == ids[i] for i in labelled)
+    prompt_text = tokenizer.decode([t for t, l in zip(ids, labels) if l == IGNORE_INDEX])
+    assert prompt_text == "Be brief.\nUser: Hi there\nAssistant:User: Bye\nAssistant:"
+
+
+def test_chat_template_renders_the_training_format(tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "More?"}]
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    for add in (False, True):
+        conversation = messages if add else messages[:2]
+        assert tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add) == render(conversation, add)[0]
+
+
+def test_mix_caps_and_disjoint_validation(tmp_path, tokenizer):
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(1, i % 9 + 2)))}
+                                  for i in range(300)]))
+    dialogues = tmp_path / "dialogues_train.txt"
+    dialogues.write_text("".join(f"Hello number {i} . __eou__ Hi {i} ! __eou__\n" for i in range(80)))
+    args = SftDataArguments(alpaca_file=str(alpaca), dailydialog_file=str(dialogues), alpaca_max_examples=50,
+                            validation_split_percentage=10.0)
+    data, report = prepare_sft_data(args, tokenizer)
+    assert report["alpaca"]["train"]["examples"] == 50 and report["dailydialog"]["train"]["examples"] > 50
+    train_texts = {tokenizer.decode(ids) for ids in data["train"]["input_ids"]}
+    validation_texts = {tokenizer.decode(ids) for ids in data["validation"]["input_ids"]}
+    assert validation_texts and not (train_texts & validation_texts)
+    assert set(data["train"]["source"]) == {"alpaca", "dailydialog"}

@@ -1,0 +1,116 @@
+"""End-to-end runs of both phases on a tiny model: learning, saving, reloading, resuming, refusing."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import run_clm
+import run_sft
+from trm.rules import RuleViolation
+
+from conftest import write_recipe
+
+
+def _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path, **training):
+    return write_recipe(tmp_path / "phase1.yaml", {
+        "model": {"config_name": str(tiny_config_path), "sample_prompts": ["The river"], "sample_max_new_tokens": 5},
+        "data": {"train_file": [str(wiki_jsonl)], "block_size": 32, "validation_split_percentage": 10.0,
+                 "data_cache_dir": str(tmp_path / "cache"), "preprocessing_num_workers": 1, "min_document_chars": 20},
+        "training": {
+            "output_dir": str(tmp_path / "phase1"), "use_cpu": True, "max_steps": 40, "per_device_train_batch_size": 8,
+            "learning_rate": 1e-2, "warmup_steps": 2, "eval_strategy": "steps", "eval_steps": 20, "eval_on_start": True,
+            "save_strategy": "steps", "save_steps": 20, "logging_steps": 5, "report_to": [], "disable_tqdm": True,
+            "include_num_input_tokens_seen": True, **training,
+        },
+    })
+
+
+@pytest.fixture()
+def phase1_model(tmp_path, wiki_jsonl, tiny_config_path):
+    recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path)
+    metrics = run_clm.main([str(recipe)])
+    return tmp_path / "phase1", metrics, recipe
+
+
+def test_phase1_learns_saves_and_reloads(phase1_model):
+    output_dir, metrics, _ = phase1_model
+    history = json.loads((output_dir / "training_log.json").read_text())
+    eval_losses = [record["eval_loss"] for record in history if "eval_loss" in record]
+    assert eval_losses[0] > 10.0 and eval_losses[-1] < eval_losses[0] - 2.0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
+                 "loss_curve.png", "log.csv", "samples.jsonl"):
+        assert (output_dir / name).is_file(), name
+    assert not list(output_dir.glob(".tmp-*"))
+    assert any("tokens_per_second" in record for record in history)
+
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    model.eval()
+    ids = torch.tensor([tokenizer("The river flows through the old town.")["input_ids"]])
+    again = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+        loss = model(ids, labels=ids).loss.item()
+    assert abs(loss - metrics["eval_loss"]) < 3.0
+
+
+def test_resume_continues_from_the_saved_step(phase1_model):
+    output_dir, _, recipe = phase1_model
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_clm.main([str(recipe)])
+    metrics = run_clm.main([str(recipe), "--resume", "--max_steps", "60"])
+    state = json.loads((output_dir / "checkpoint-60" / "trainer_state.json").read_text())
+    steps = [record["step"] for record in state["log_history"] if "loss" in record]
+    assert state["global_step"] == 60 and steps[0] == 5 and steps.count(40) == 0 or 45 in steps
+    assert metrics["epoch"] > 0
+
+
+def test_phase1_refuses_too_many_epochs_and_pretrained_weights(tmp_path, wiki_jsonl, tiny_config_path):
+    recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path)
+    with pytest.raises(RuleViolation, match="capped at 3"):
+        run_clm.main([str(recipe), "--num_train_epochs", "4"])
+    with pytest.raises(RuleViolation, match="random weights"):
+        run_clm.main([str(recipe), "--model_name_or_path", "gpt2"])
+
+
+def _sft_recipe(tmp_path, model_dir):
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}"} for i in range(120)]))
+    dialogues = tmp_path / "dialogues_train.txt"
+    dialogues.write_text("".join(f"Hello , I am {i} . __eou__ Nice to meet you ! __eou__\n" for i in range(60)))
+    return write_recipe(tmp_path / "phase2.yaml", {
+        "model": {"model_name_or_path": str(model_dir)},
+        "data": {"alpaca_file": str(alpaca), "dailydialog_file": str(dialogues), "validation_split_percentage": 10.0,
+                 "max_seq_length": 64},
+        "training": {
+            "output_dir": str(tmp_path / "phase2"), "use_cpu": True, "max_steps": 30, "num_train_epochs": 2,
+            "per_device_train_batch_size": 8, "learning_rate": 5e-3, "eval_strategy": "steps", "eval_steps": 15, "eval_on_start": True,
+            "save_strategy": "steps", "save_steps": 15, "logging_steps": 5, "report_to": [], "disable_tqdm": True,
+            "load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False,
+            "train_sampling_strategy": "group_by_length", "remove_unused_columns": False,
+        },
+    })
+
+
+def test_phase2_tunes_the_phase1_model_and_refuses_bad_configs(phase1_model, tmp_path):
+    model_dir, _, _ = phase1_model
+    recipe = _sft_recipe(tmp_path, model_dir)
+    with pytest.raises(RuleViolation, match="capped at 2"):
+        run_sft.main([str(recipe), "--num_train_epochs", "3"])
+    with pytest.raises(FileNotFoundError, match="make pretrain"):
+        run_sft.main([str(recipe), "--model_name_or_path", str(tmp_path / "nowhere")])
+    with pytest.raises(RuleViolation, match="phase-1 model"):
+        run_sft.main([str(recipe), "--model_name_or_path", "null"])
+
+    metrics = run_sft.main([str(recipe)])
+    output_dir = tmp_path / "phase2"
+    history = json.loads((output_dir / "training_log.json").read_text())
+    eval_losses = [record["eval_loss"] for record in history if "eval_loss" in record]
+    assert eval_losses[-1] < eval_losses[0] - 1.0
+    assert metrics["eval_loss"] == pytest.approx(min(eval_losses), abs=1e-3)  # the best checkpoint was kept
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    messages = [{"role": "user", "content": "Say the number 7."}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "User: Say the number 7.\nAssistant:"
