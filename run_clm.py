@@ -26,7 +26,9 @@ from trm.training import (
 
 logger = logging.getLogger("run_clm")
 PHASE = "pretraining"
-DEFAULTS = {"use_cpu": True, "include_num_input_tokens_seen": True, "report_to": ["tensorboard"]}
+DEFAULTS = {
+    "use_cpu": True, "include_num_input_tokens_seen": True, "report_to": ["tensorboard"], "prediction_loss_only": True,
+}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -26,7 +26,7 @@ from trm.training import (
 logger = logging.getLogger("run_sft")
 PHASE = "instruction_tuning"
 DEFAULTS = {
-    "use_cpu": True, "include_num_input_tokens_seen": True, "report_to": ["tensorboard"],
+    "use_cpu": True, "include_num_input_tokens_seen": True, "report_to": ["tensorboard"], "prediction_loss_only": True,
     "train_sampling_strategy": "group_by_length", "remove_unused_columns": False,
 }
 
