@@ -58,3 +58,21 @@ def test_model_configs_and_parameter_counts():
     assert seed.config.n_embd == 512 and seed.config.n_layer == 8 and 45e6 <= parameter_counts(seed)["total"] <= 55e6
     with pytest.raises(FileNotFoundError):
         build_model("configs/missing.json")
+
+
+def test_trainer_counts_shifted_labels_so_evaluation_equals_the_model_loss(tmp_path):
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from trm.training import TrmTrainer, collate_blocks
+
+    model = _model().eval()
+    input_ids = torch.randint(0, 50257, (8, 32))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, labels=input_ids).loss.item()
+    dataset = Dataset.from_dict({"input_ids": input_ids.tolist()})
+    for chunk_rows in (0, 256):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=8,
+                                 prediction_loss_only=True, disable_tqdm=True)
+        trainer = TrmTrainer(model=model, args=args, eval_dataset=dataset, data_collator=collate_blocks, loss_chunk_rows=chunk_rows)
+        assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)

@@ -1,9 +1,10 @@
 """Training machinery shared by both phases: the Trainer subclass, callbacks, resume and the final save.
 
 Design decisions:
-- `Trainer` does the work. `TrmTrainer` changes two things: the loss is `models.gpt2.chunked_lm_loss`
+- `Trainer` does the work. `TrmTrainer` changes three things: the loss is `models.gpt2.chunked_lm_loss`
   (same value and gradients as the stock loss, much less memory traffic; `loss_chunk_rows: 0` restores
-  the stock loss), and each log line gains tokens/s and, for evaluations, perplexity.
+  the stock loss), evaluation computes that loss without ever building the full logits, and each log line
+  gains tokens/s and, for evaluations, perplexity.
 - Callbacks, not a custom loop: early stopping (`EarlyStoppingCallback`), sample generations at each
   evaluation, a CSV copy of the logs, and Ctrl-C, which asks the Trainer to save a checkpoint and stop
   at the end of the current step (a second Ctrl-C aborts at once).
@@ -58,8 +59,12 @@ class TrmTrainer(Trainer):
 
     def __init__(self, *args, loss_chunk_rows: int = 256, **kwargs):
         super().__init__(*args, **kwargs)
+        # Both losses here shift labels by one. Trainer infers this from `config.loss_type`, which a freshly
+        # built GPT2Config leaves unset; it would then count position 0 in `num_items_in_batch` and
+        # under-report the loss by a factor (block - 1) / block.
+        self._loss_shifts_labels = True
         self.loss_chunk_rows = loss_chunk_rows
-        self._last_log = (time.perf_counter(), 0)
+        self._last_log: tuple[float, int] | None = None  # (time, tokens seen) at the previous training log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_chunk_rows <= 0 or return_outputs:
@@ -74,14 +79,23 @@ class TrmTrainer(Trainer):
             chunk_rows=self.loss_chunk_rows,
         )
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # The stock prediction step always asks for the outputs, i.e. the full logits; evaluation needs the loss only.
+        if not prediction_loss_only or self.loss_chunk_rows <= 0:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs:
             logs["eval_perplexity"] = round(math.exp(min(logs["eval_loss"], 50.0)), 3)
         if "loss" in logs and self.state.num_input_tokens_seen:
             now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
-            last_time, last_tokens = self._last_log
-            if tokens > last_tokens:
-                logs["tokens_per_second"] = round((tokens - last_tokens) / (now - last_time), 1)
+            # The first log after a (re)start has no interval to measure over.
+            if self._last_log is not None and tokens > self._last_log[1]:
+                logs["tokens_per_second"] = round((tokens - self._last_log[1]) / (now - self._last_log[0]), 1)
                 self._set_progress_postfix(logs["tokens_per_second"])
             self._last_log = (now, tokens)
         super().log(logs, start_time)
