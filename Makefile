@@ -52,7 +52,7 @@ quickstart: venv
 	$(PY) run_clm.py recipes/quickstart_phase1.yaml
 	$(PY) run_eval.py outputs/quickstart/phase1 --text_file data/samples/wiki_sample.jsonl.gz --limit 20
 	$(PY) run_sft.py recipes/quickstart_phase2.yaml
-	$(PY) run_eval.py outputs/quickstart/phase2 --squad_file data/samples/squad_v2_sample.json --limit 20
+	$(PY) run_eval.py outputs/quickstart/phase2 --squad_v2_file data/samples/squad_v2_sample.json --limit 20
 	echo "What is the capital of France?" | $(PY) run_chat.py outputs/quickstart/phase2 --max_new_tokens 40
 
 clean:

@@ -27,7 +27,7 @@ logger = logging.getLogger("run_sft")
 PHASE = "instruction_tuning"
 DEFAULTS = {
     "use_cpu": True, "include_num_input_tokens_seen": True, "report_to": ["tensorboard"], "prediction_loss_only": True,
-    "train_sampling_strategy": "group_by_length", "remove_unused_columns": False,
+    "train_sampling_strategy": "group_by_length", "remove_unused_columns": False, "num_train_epochs": 2,
 }
 
 
