@@ -114,3 +114,12 @@ def test_phase2_tunes_the_phase1_model_and_refuses_bad_configs(phase1_model, tmp
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     messages = [{"role": "user", "content": "Say the number 7."}]
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "User: Say the number 7.\nAssistant:"
+
+
+def test_phase1_stops_early_when_validation_loss_stops_improving(tmp_path, wiki_jsonl, tiny_config_path):
+    recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path, eval_on_start=False, eval_steps=5, save_steps=5,
+                            learning_rate=0.0, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                            greater_is_better=False)
+    run_clm.main([str(recipe), "--early_stopping_patience", "1"])
+    history = json.loads((tmp_path / "phase1" / "training_log.json").read_text())
+    assert max(record["step"] for record in history) == 10  # of max_steps 40: best at 5, no improvement at 10
