@@ -9,7 +9,6 @@ Every recipe key and every `TrainingArguments` field can be overridden on the co
 from __future__ import annotations
 
 import logging
-import math
 
 from transformers import TrainingArguments
 
@@ -20,8 +19,8 @@ from trm import rules
 from trm.cli import run_main
 from trm.recipe import parse_recipe
 from trm.training import (
-    ModelArguments, TrmTrainer, build_callbacks, collate_blocks, default_generation_config,
-    refuse_foreign_output_dir, resolve_resume_checkpoint, save_final_model,
+    ModelArguments, collate_blocks, default_generation_config, refuse_foreign_output_dir, resolve_resume_checkpoint,
+    save_final_model, train_and_evaluate,
 )
 
 logger = logging.getLogger("run_clm")
@@ -55,25 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
         "model %s: %s parameters (%s embedding, %s non-embedding)", model_args.config_name,
         *(f"{counts[k] / 1e6:.2f}M" for k in ("total", "embedding", "non_embedding")),
     )
-    examples_per_step = (
-        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * max(1, training_args.world_size)
+    trainer, metrics = train_and_evaluate(
+        PHASE, model, tokenizer, training_args, model_args, datasets_["train"], datasets_["validation"],
+        collate_blocks, resume,
     )
-    rules.check_step_budget(PHASE, training_args.max_steps, examples_per_step, len(datasets_["train"]))
-
-    trainer = TrmTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=datasets_["train"],
-        eval_dataset=datasets_["validation"],
-        data_collator=collate_blocks,
-        processing_class=tokenizer,
-        callbacks=build_callbacks(training_args.output_dir, tokenizer, model_args, early_stopping=training_args.load_best_model_at_end),
-        loss_chunk_rows=model_args.loss_chunk_rows,
-    )
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {**train_result.metrics, **trainer.evaluate()}
-    metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
-    trainer.log_metrics("final", metrics)
     save_final_model(
         trainer,
         training_args.output_dir,
@@ -89,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
             "context length": data_args.block_size,
             "epochs": f"{metrics.get('epoch', 0):.2f}",
             "learning rate": training_args.learning_rate,
-            "batch (sequences per step)": examples_per_step,
+            "batch (sequences per step)": metrics["examples_per_step"],
             "validation loss": f"{metrics['eval_loss']:.4f}",
             "validation perplexity": f"{metrics['eval_perplexity']:.2f}",
         },

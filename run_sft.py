@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments
@@ -19,8 +18,8 @@ from trm import rules
 from trm.cli import run_main
 from trm.recipe import parse_recipe
 from trm.training import (
-    ModelArguments, TrmTrainer, build_callbacks, default_generation_config,
-    refuse_foreign_output_dir, resolve_resume_checkpoint, save_final_model,
+    ModelArguments, default_generation_config, refuse_foreign_output_dir, resolve_resume_checkpoint, save_final_model,
+    train_and_evaluate,
 )
 
 logger = logging.getLogger("run_sft")
@@ -62,25 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("%s", describe_mix(report))
     model.generation_config = default_generation_config(tokenizer)
     counts = parameter_counts(model)
-    examples_per_step = (
-        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * max(1, training_args.world_size)
+    trainer, metrics = train_and_evaluate(
+        PHASE, model, tokenizer, training_args, model_args, datasets_["train"].remove_columns(["source"]),
+        datasets_["validation"].remove_columns(["source", "length"]),
+        DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt"), resume,
     )
-    rules.check_step_budget(PHASE, training_args.max_steps, examples_per_step, len(datasets_["train"]))
-
-    trainer = TrmTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=datasets_["train"].remove_columns(["source"]),
-        eval_dataset=datasets_["validation"].remove_columns(["source", "length"]),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt"),
-        processing_class=tokenizer,
-        callbacks=build_callbacks(training_args.output_dir, tokenizer, model_args, early_stopping=training_args.load_best_model_at_end),
-        loss_chunk_rows=model_args.loss_chunk_rows,
-    )
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {**train_result.metrics, **trainer.evaluate()}
-    metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
-    trainer.log_metrics("final", metrics)
     mix = ", ".join(f"{s} {r['train']['examples']:,}" for s, r in report.items())
     save_final_model(
         trainer,

@@ -34,6 +34,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from models.gpt2 import chunked_lm_loss
+from trm import rules
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -284,3 +285,30 @@ def collate_blocks(features: list[dict]) -> dict[str, torch.Tensor]:
     """Packed phase-1 blocks: every token is a label (the model shifts them), no padding, no mask."""
     input_ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
     return {"input_ids": input_ids, "labels": input_ids}
+
+
+def train_and_evaluate(
+    phase: str, model, tokenizer, training_args, model_args: ModelArguments, train_dataset, eval_dataset,
+    data_collator, resume: str | None,
+) -> tuple[TrmTrainer, dict]:
+    """The shared core of both phases: check the step budget, train (or resume), evaluate the final model."""
+    examples_per_step = (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * max(1, training_args.world_size)
+    )
+    rules.check_step_budget(phase, training_args.max_steps, examples_per_step, len(train_dataset))
+    trainer = TrmTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=data_collator,
+        processing_class=tokenizer,
+        callbacks=build_callbacks(training_args.output_dir, tokenizer, model_args, early_stopping=training_args.load_best_model_at_end),
+        loss_chunk_rows=model_args.loss_chunk_rows,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    metrics = {**train_result.metrics, **trainer.evaluate()}
+    metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
+    metrics["examples_per_step"] = examples_per_step
+    trainer.log_metrics("final", metrics)
+    return trainer, metrics
