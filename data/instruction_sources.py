@@ -124,8 +124,10 @@ def load_squad(path: str, skipped: SkipCounter, version: str) -> Iterator[Conver
                 skipped["answers not found in their passage"] += 1
                 continue
             answer_start = start
+        # Grouped by passage alone: SQuAD v2.0 reuses v1.1 passages, and a passage must not be in training for
+        # one version and in validation for the other.
         yield Conversation(
-            source, f"{source}:{context[:200]}", passage=context, question=question,
+            source, f"squad-passage:{context[:200]}", passage=context, question=question,
             answers=[a["text"].strip() for a in answers], answer_start=answer_start,
         )
 

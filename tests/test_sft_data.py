@@ -128,3 +128,9 @@ def test_mix_caps_and_disjoint_validation(tmp_path, tokenizer):
     validation_texts = {tokenizer.decode(ids) for ids in data["validation"]["input_ids"]}
     assert validation_texts and not (train_texts & validation_texts)
     assert set(data["train"]["source"]) == {"alpaca", "dailydialog"}
+
+
+def test_a_passage_shared_by_squad_versions_lands_in_one_split(tmp_path):
+    v1, _ = _load("squad", _squad_file(tmp_path / "v1.json", "1.1"))
+    v2, _ = _load("squad_v2", _squad_file(tmp_path / "v2.json", "v2.0"))
+    assert {c.group for c in v1} == {c.group for c in v2}
