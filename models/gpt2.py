@@ -8,8 +8,10 @@ Design decisions:
   (batch x 256 x 50257 floats, ~800 MB at batch 16), runs log-softmax over them and keeps them for the
   backward pass, far outside every cache. `chunked_lm_loss` computes the same cross-entropy over the
   final hidden states a chunk of rows at a time, and computes its gradients in the same pass (the
-  softmax is its own gradient), so no logits outlive their chunk and nothing is recomputed. It returns
-  the same value and gradients as the stock loss (tests compare both) without changing the model.
+  softmax is its own gradient), so no logits outlive their chunk and nothing is recomputed. Positions
+  without a label (phase-2 prompts, padding) are dropped before the projection, so they cost nothing
+  there. It returns the same value and gradients as the stock loss (tests compare both) without
+  changing the model.
 - Normalisation follows `transformers`: the summed loss over label tokens (labels shifted by one,
   -100 ignored) divided by `num_items_in_batch` when the Trainer gives it (gradient accumulation), else
   by the number of label tokens in the batch.
@@ -45,28 +47,24 @@ def parameter_counts(model: GPT2LMHeadModel) -> dict[str, int]:
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of `hidden @ weight.T` against `targets`, summed, with gradients computed in forward."""
+    """Cross-entropy of `hidden @ weight.T` against `targets` (all valid), summed, with gradients computed in forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, normaliser, chunk_rows, compute_grads):
-        valid = targets != IGNORE_INDEX
-        safe_targets = targets.masked_fill(~valid, 0)
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if compute_grads else None
         grad_weight = torch.zeros_like(weight) if compute_grads else None
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            h = hidden[rows]
+            h, chunk_targets = hidden[rows], targets[rows]
             logits = (h @ weight.t()).float()
             log_norm = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, safe_targets[rows, None]).squeeze(1)
-            row_valid = valid[rows]
-            loss_sum += ((log_norm - target_logit) * row_valid).sum()
+            loss_sum += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
             if compute_grads:
-                # d(loss)/d(logits) = softmax - one_hot(target), zero on ignored rows, over the normaliser.
+                # d(loss)/d(logits) = (softmax - one_hot(target)) / normaliser.
                 probs = logits.sub_(log_norm[:, None]).exp_()
-                probs[torch.arange(probs.shape[0]), safe_targets[rows]] -= 1.0
-                probs = probs.mul_((row_valid / normaliser)[:, None]).to(hidden.dtype)
+                probs[torch.arange(probs.shape[0]), chunk_targets] -= 1.0
+                probs = probs.div_(normaliser).to(hidden.dtype)
                 grad_hidden[rows] = probs @ weight
                 grad_weight.addmm_(probs.t(), h)
         if compute_grads:
@@ -91,8 +89,13 @@ def chunked_lm_loss(
     hidden = model.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1)
+    labelled = targets != IGNORE_INDEX
     if num_items_in_batch is None:
-        num_items_in_batch = (targets != IGNORE_INDEX).sum()
+        num_items_in_batch = labelled.sum()
+    if not bool(labelled.all()):
+        # Masked positions (prompts, padding) never reach the output projection: in phase 2 that skips
+        # most of the model's FLOPs at no change to the loss or its gradients.
+        hidden, targets = hidden[labelled], targets[labelled]
     normaliser = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device).clamp(min=1)
     weight = model.lm_head.weight
     compute_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
