@@ -35,6 +35,25 @@ def test_chunked_loss_matches_the_stock_loss_and_gradients(chunk_rows):
         assert torch.allclose(parameter.grad, stock_grads[name], atol=1e-6, rtol=1e-4), name
 
 
+def test_positions_without_a_label_never_reach_the_output_projection(monkeypatch):
+    import models.gpt2 as gpt2
+
+    seen_rows = []
+    original = gpt2._ChunkedLinearCrossEntropy.apply
+
+    def recording_apply(hidden, *rest):
+        seen_rows.append(hidden.shape[0])
+        return original(hidden, *rest)
+
+    monkeypatch.setattr(gpt2._ChunkedLinearCrossEntropy, "apply", recording_apply)
+    model = _model()
+    input_ids = torch.randint(0, 50257, (2, 20))
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 15:] = input_ids[0, 15:]  # a reply of 5 tokens; the second row is all prompt
+    chunked_lm_loss(model, input_ids, labels).backward()
+    assert seen_rows == [5]
+
+
 def test_num_items_in_batch_normalisation_matches_the_stock_model():
     model = _model()
     input_ids = torch.randint(0, 50257, (2, 16))
