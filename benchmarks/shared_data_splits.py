@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The data files behind the README's phase-2 numbers, made from the shared data folder.
 
-    python benchmarks/shared_data_splits.py ../shared/data OUT_DIR
+    python benchmarks/shared_data_splits.py ../shared/data cache/splits
 
 - `alpaca_merged.json`: the three Alpaca-format files of `instructions/` as one JSON list.
 - `squad_v1_train.json` / `squad_v1_heldout.json` and `squad_v2_*`: the SQuAD dev parts split by article.
