@@ -47,7 +47,7 @@ def parameter_counts(model: GPT2LMHeadModel) -> dict[str, int]:
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of `hidden @ weight.T` against `targets` (all valid), summed, with gradients computed in forward."""
+    """Summed cross-entropy of `hidden @ weight.T` against valid `targets`; gradients computed in forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, normaliser, chunk_rows, compute_grads):
@@ -92,10 +92,9 @@ def chunked_lm_loss(
     labelled = targets != IGNORE_INDEX
     if num_items_in_batch is None:
         num_items_in_batch = labelled.sum()
-    if not bool(labelled.all()):
-        # Masked positions (prompts, padding) never reach the output projection: in phase 2 that skips
-        # most of the model's FLOPs at no change to the loss or its gradients.
-        hidden, targets = hidden[labelled], targets[labelled]
+    # Masked positions (prompts, padding) never reach the output projection: in phase 2 that skips most
+    # of the model's FLOPs at no change to the loss or its gradients.
+    hidden, targets = hidden[labelled], targets[labelled]
     normaliser = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device).clamp(min=1)
     weight = model.lm_head.weight
     compute_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
