@@ -12,6 +12,9 @@ Design decisions:
   without a label (phase-2 prompts, padding) are dropped before the projection, so they cost nothing
   there. It returns the same value and gradients as the stock loss (tests compare both) without
   changing the model.
+- The MLP activation of GPT-2 (`gelu_new`) is the tanh approximation of GELU written as seven separate
+  tensor operations; `use_fused_gelu` swaps it, for training, for PyTorch's single fused kernel of the
+  same formula. The config (and so the saved model) keeps `gelu_new`.
 - Normalisation follows `transformers`: the summed loss over label tokens (labels shifted by one,
   -100 ignored) divided by `num_items_in_batch` when the Trainer gives it (gradient accumulation), else
   by the number of label tokens in the batch.
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.activations import GELUTanh, NewGELUActivation
 
 IGNORE_INDEX = -100
 DEFAULT_LOSS_CHUNK_ROWS = 512
@@ -46,29 +50,45 @@ def parameter_counts(model: GPT2LMHeadModel) -> dict[str, int]:
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
+def use_fused_gelu(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """Replace every `gelu_new` activation module with the fused kernel computing the same function."""
+    for block in model.transformer.h:
+        if isinstance(block.mlp.act, NewGELUActivation):
+            block.mlp.act = GELUTanh()
+    return model
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against valid `targets`; gradients computed in forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, normaliser, chunk_rows, compute_grads):
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if compute_grads else None
-        grad_weight = torch.zeros_like(weight) if compute_grads else None
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h, chunk_targets = hidden[rows], targets[rows]
-            logits = (h @ weight.t()).float()
-            log_norm = torch.logsumexp(logits, dim=-1)
-            loss_sum += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
-            if compute_grads:
-                # d(loss)/d(logits) = (softmax - one_hot(target)) / normaliser.
-                probs = logits.sub_(log_norm[:, None]).exp_()
-                probs[torch.arange(probs.shape[0]), chunk_targets] -= 1.0
-                probs = probs.div_(normaliser).to(hidden.dtype)
-                grad_hidden[rows] = probs @ weight
-                grad_weight.addmm_(probs.t(), h)
+        # The loss and its gradients are computed in fp32 whatever the model's dtype or autocast say.
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden32, weight32 = hidden.float(), weight.float()
+            loss_sum = hidden32.new_zeros(())
+            grad_hidden = torch.empty_like(hidden32) if compute_grads else None
+            grad_weight = torch.zeros_like(weight32) if compute_grads else None
+            # One logits buffer for all chunks: a fresh 50 MB tensor per chunk costs more in page faults
+            # than the softmax itself.
+            buffer = hidden32.new_empty((min(chunk_rows, hidden.shape[0]), weight.shape[0]))
+            for start in range(0, hidden.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                h, chunk_targets = hidden32[rows], targets[rows]
+                logits = torch.mm(h, weight32.t(), out=buffer[: h.shape[0]])
+                target_logits = logits.gather(1, chunk_targets[:, None])
+                max_logits = logits.amax(dim=1, keepdim=True)
+                exp_logits = logits.sub_(max_logits).exp_()
+                sum_exp = exp_logits.sum(dim=1, keepdim=True)
+                loss_sum += (sum_exp.log() + max_logits - target_logits).sum()
+                if compute_grads:
+                    # d(loss)/d(logits) = (softmax - one_hot(target)) / normaliser.
+                    probs = exp_logits.div_(sum_exp * normaliser)
+                    probs[torch.arange(probs.shape[0]), chunk_targets] -= 1.0 / normaliser
+                    torch.mm(probs, weight32, out=grad_hidden[rows])
+                    grad_weight.addmm_(probs.t(), h)
         if compute_grads:
-            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
         return loss_sum / normaliser
 
     @staticmethod

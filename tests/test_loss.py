@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from models.gpt2 import build_model, chunked_lm_loss, parameter_counts
+from models.gpt2 import build_model, chunked_lm_loss, parameter_counts, use_fused_gelu
 
 from conftest import TINY_CONFIG
 
@@ -95,3 +95,20 @@ def test_trainer_counts_shifted_labels_so_evaluation_equals_the_model_loss(tmp_p
                                  prediction_loss_only=True, disable_tqdm=True)
         trainer = TrmTrainer(model=model, args=args, eval_dataset=dataset, data_collator=collate_blocks, loss_chunk_rows=chunk_rows)
         assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fused_gelu_computes_the_same_function_and_the_saved_config_is_unchanged(tmp_path):
+    stock, fused = _model(), use_fused_gelu(_model())
+    assert type(fused.transformer.h[0].mlp.act).__name__ == "GELUTanh"
+    input_ids = torch.randint(0, 50257, (2, 24))
+    stock_loss = stock(input_ids=input_ids, labels=input_ids).loss
+    fused_loss = fused(input_ids=input_ids, labels=input_ids).loss
+    stock_loss.backward()
+    fused_loss.backward()
+    assert torch.allclose(fused_loss, stock_loss, atol=1e-6, rtol=1e-6)
+    for (name, a), (_, b) in zip(stock.named_parameters(), fused.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-7, rtol=1e-4), name
+    fused.save_pretrained(tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert reloaded.config.activation_function == "gelu_new"
+    assert type(reloaded.transformer.h[0].mlp.act).__name__ == "NewGELUActivation"

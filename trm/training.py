@@ -1,9 +1,9 @@
 """Training machinery shared by both phases: the Trainer subclass, callbacks, resume and the final save.
 
 Design decisions:
-- `Trainer` does the work. `TrmTrainer` changes three things: the loss is `models.gpt2.chunked_lm_loss`
+- `Trainer` does the work. `TrmTrainer` changes four things: the loss is `models.gpt2.chunked_lm_loss`
   (same value and gradients as the stock loss, much less memory traffic; `loss_chunk_rows: 0` restores
-  the stock loss), evaluation computes that loss without ever building the full logits, and each log line
+  the stock loss), the MLP activation runs as one fused kernel (`models.gpt2.use_fused_gelu`), evaluation computes that loss without ever building the full logits, and each log line
   gains tokens/s and, for evaluations, perplexity.
 - Callbacks, not a custom loop: early stopping (`EarlyStoppingCallback`), sample generations at each
   evaluation, a CSV copy of the logs, and Ctrl-C, which asks the Trainer to save a checkpoint and stop
@@ -33,7 +33,7 @@ from transformers import GenerationConfig, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from models.gpt2 import chunked_lm_loss
+from models.gpt2 import chunked_lm_loss, use_fused_gelu
 from trm import rules
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class TrmTrainer(Trainer):
 
     def __init__(self, *args, loss_chunk_rows: int = 256, **kwargs):
         super().__init__(*args, **kwargs)
+        use_fused_gelu(self.accelerator.unwrap_model(self.model))
         # Both losses here shift labels by one. Trainer infers this from `config.loss_type`, which a freshly
         # built GPT2Config leaves unset; it would then count position 0 in `num_items_in_batch` and
         # under-report the loss by a factor (block - 1) / block.
