@@ -4,10 +4,11 @@
     python benchmarks/train_throughput.py [--phase 1|2|both] [--reps 3] [--steps 4] [--batch_size 16]
 
 For each phase, three set-ups train the same model from the same weights, interleaved repetition by
-repetition so that machine noise hits all of them alike:
+repetition so that machine noise hits all of them alike, each run in a fresh process (so that neither
+memory nor process settings carry over from one run to the next):
   (a) trm      - `TrmTrainer` configured as run_clm.py / run_sft.py configure it (chunked fused loss,
-                 which in phase 2 also skips the output projection on prompt tokens; fused AdamW;
-                 length-grouped batches in phase 2);
+                 which in phase 2 also skips the output projection on prompt tokens; fused GELU kernel;
+                 fused AdamW; freed memory kept for reuse; length-grouped batches in phase 2);
   (b) default  - `Trainer` with default `TrainingArguments` on the CPU and the stock GPT2LMHeadModel loss,
                  as in Hugging Face's run_clm.py example (batch size set to the same value);
   (c) eager    - a plain PyTorch loop: stock loss, backward, torch.optim.AdamW.
@@ -19,7 +20,9 @@ GFLOP/s against an fp32 matmul peak measured in the same run, peak RSS during ea
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -38,7 +41,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 
 from data.tokenizer import load_tokenizer  # noqa: E402
 from models.gpt2 import build_model  # noqa: E402
-from trm.training import TrmTrainer, collate_blocks  # noqa: E402
+from trm.training import TrmTrainer, collate_blocks, keep_freed_memory_for_reuse  # noqa: E402
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -127,15 +130,15 @@ def phase2_dataset(n: int, seq_len: int) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def trainer_run(kind: str, phase: int, state: dict, dataset: Dataset, args: argparse.Namespace, tokenizer) -> tuple[float, float]:
+def trainer_run(kind: str, phase: int, dataset: Dataset, args: argparse.Namespace, tokenizer) -> tuple[float, float]:
     """Train `args.steps + 1` steps; return (tokens/s over the timed steps, peak RSS in MB)."""
-    model = build_model(args.config_name)
-    model.load_state_dict(state)
+    model = build_model(args.config_name, seed=0)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as output_dir:
         common = dict(output_dir=output_dir, use_cpu=True, per_device_train_batch_size=args.batch_size,
                       max_steps=args.steps + 1, report_to=[], disable_tqdm=True, save_strategy="no", logging_strategy="no")
         if kind == "trm":
+            keep_freed_memory_for_reuse()
             training_args = TrainingArguments(
                 **common, optim="adamw_torch_fused", learning_rate=1e-3, weight_decay=0.1, adam_beta2=0.95,
                 lr_scheduler_type="cosine", include_num_input_tokens_seen=True, remove_unused_columns=False,
@@ -154,9 +157,8 @@ def trainer_run(kind: str, phase: int, state: dict, dataset: Dataset, args: argp
     return throughput(collator.tokens, timer.durations), rss.peak_mb
 
 
-def eager_run(phase: int, state: dict, dataset: Dataset, args: argparse.Namespace, tokenizer) -> tuple[float, float]:
-    model = build_model(args.config_name)
-    model.load_state_dict(state)
+def eager_run(phase: int, dataset: Dataset, args: argparse.Namespace, tokenizer) -> tuple[float, float]:
+    model = build_model(args.config_name, seed=0)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     collator = CountingCollator(phase, tokenizer)
@@ -174,16 +176,36 @@ def eager_run(phase: int, state: dict, dataset: Dataset, args: argparse.Namespac
     return throughput(collator.tokens, durations), rss.peak_mb
 
 
-def check_losses_match(phase: int, state: dict, dataset: Dataset, args: argparse.Namespace, tokenizer) -> tuple[float, float]:
-    model = build_model(args.config_name)
-    model.load_state_dict(state)
+def one_run(kind: str, phase: int, args: argparse.Namespace) -> tuple[float, float]:
+    """One set-up, from scratch: this runs in its own process."""
+    tokenizer = load_tokenizer()
+    dataset = benchmark_dataset(phase, args)
+    if kind == "eager":
+        return eager_run(phase, dataset, args, tokenizer)
+    return trainer_run(kind, phase, dataset, args, tokenizer)
+
+
+def in_fresh_process(kind: str, phase: int, args: argparse.Namespace) -> tuple[float, float]:
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(one_run, kind, phase, args).result()
+
+
+def benchmark_dataset(phase: int, args: argparse.Namespace) -> Dataset:
+    n = args.batch_size * (args.steps + 1)
+    return phase1_dataset(n, args.seq_len) if phase == 1 else phase2_dataset(n, args.seq_len)
+
+
+def check_losses_match(phase: int, dataset: Dataset, args: argparse.Namespace, tokenizer) -> tuple[float, float]:
     collator = collate_blocks if phase == 1 else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     rows = dataset.remove_columns([c for c in dataset.column_names if c == "length"])
     batch = collator([rows[i] for i in range(args.batch_size)])
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(output_dir=output_dir, use_cpu=True, report_to=[])
-        fast = TrmTrainer(model=model, args=training_args, loss_chunk_rows=args.loss_chunk_rows).compute_loss(model, dict(batch))
-        stock = Trainer(model=model, args=training_args).compute_loss(model, dict(batch))
+        trm_model, stock_model = build_model(args.config_name, seed=0), build_model(args.config_name, seed=0)
+        trm = TrmTrainer(model=trm_model, args=training_args, loss_chunk_rows=args.loss_chunk_rows)
+        fast = trm.compute_loss(trm_model, dict(batch))
+        stock = Trainer(model=stock_model, args=training_args).compute_loss(stock_model, dict(batch))
     if abs(fast.item() - stock.item()) > 1e-4 * abs(stock.item()):
         raise SystemExit(f"phase {phase}: losses differ: trm {fast.item():.6f} vs default {stock.item():.6f}")
     return fast.item(), stock.item()
@@ -203,25 +225,23 @@ def main() -> None:
 
     tokenizer = load_tokenizer()
     model = build_model(args.config_name, seed=0)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
     flops_per_token = training_flops_per_token(model, args.seq_len)
     peak = matmul_peak_gflops()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s; {flops_per_token / 1e6:.0f} MFLOP per training token")
     results = {"matmul_peak_gflops": peak, "flops_per_token": flops_per_token}
     for phase in ([1, 2] if args.phase == "both" else [int(args.phase)]):
-        n = args.batch_size * (args.steps + 1)
-        dataset = phase1_dataset(n, args.seq_len) if phase == 1 else phase2_dataset(n, args.seq_len)
-        args.mean_tokens = statistics.mean(len(x) for x in dataset["input_ids"])
-        fast_loss, stock_loss = check_losses_match(phase, state, dataset, args, tokenizer)
+        dataset = benchmark_dataset(phase, args)
+        mean_tokens = statistics.mean(len(x) for x in dataset["input_ids"])
+        fast_loss, stock_loss = check_losses_match(phase, dataset, args, tokenizer)
         runs = {"trm": [], "default": [], "eager": []}
         memory = {kind: 0.0 for kind in runs}
         for _ in range(args.reps):
             for kind in runs:
-                speed, rss = eager_run(phase, state, dataset, args, tokenizer) if kind == "eager" else trainer_run(kind, phase, state, dataset, args, tokenizer)
+                speed, rss = in_fresh_process(kind, phase, args)
                 runs[kind].append(speed)
                 memory[kind] = max(memory[kind], rss)
-        print(f"\nphase {phase}: batch {args.batch_size} x {args.seq_len if phase == 1 else f'~{args.mean_tokens:.0f} (padded per batch)'} tokens; "
+        print(f"\nphase {phase}: batch {args.batch_size} x {args.seq_len if phase == 1 else f'~{mean_tokens:.0f} (padded per batch)'} tokens; "
               f"loss on one batch: trm {fast_loss:.6f}, default {stock_loss:.6f}")
         if phase == 2:
             print("(GFLOP/s counts the stock model's work per token; TRM skips the output projection on prompt tokens,\n"

@@ -70,23 +70,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = torch.empty_like(hidden32) if compute_grads else None
             grad_weight = torch.zeros_like(weight32) if compute_grads else None
             # One logits buffer for all chunks: a fresh 50 MB tensor per chunk costs more in page faults
-            # than the softmax itself.
-            buffer = hidden32.new_empty((min(chunk_rows, hidden.shape[0]), weight.shape[0]))
+            # than the softmax itself. The logits are written vocabulary-major (`weight @ h.T`, then viewed
+            # transposed): the same product runs ~1.7x faster than `h @ weight.T` on the CPUs measured.
+            vocab = weight.shape[0]
+            buffer = hidden32.new_empty(min(chunk_rows, hidden.shape[0]) * vocab)
             for start in range(0, hidden.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 h, chunk_targets = hidden32[rows], targets[rows]
-                logits = torch.mm(h, weight32.t(), out=buffer[: h.shape[0]])
+                logits = torch.mm(weight32, h.t(), out=buffer[: h.shape[0] * vocab].view(vocab, h.shape[0])).t()
                 target_logits = logits.gather(1, chunk_targets[:, None])
                 max_logits = logits.amax(dim=1, keepdim=True)
                 exp_logits = logits.sub_(max_logits).exp_()
                 sum_exp = exp_logits.sum(dim=1, keepdim=True)
                 loss_sum += (sum_exp.log() + max_logits - target_logits).sum()
                 if compute_grads:
-                    # d(loss)/d(logits) = (softmax - one_hot(target)) / normaliser.
-                    probs = exp_logits.div_(sum_exp * normaliser)
-                    probs[torch.arange(probs.shape[0]), chunk_targets] -= 1.0 / normaliser
-                    torch.mm(probs, weight32, out=grad_hidden[rows])
-                    grad_weight.addmm_(probs.t(), h)
+                    # d(loss)/d(logits) = (exp_logits / sum_exp - one_hot(target)) / normaliser. Both terms are
+                    # applied on the narrow side of each product (rows of `h`, of `grad_hidden`, of `weight`),
+                    # so the chunk x vocabulary matrix is never rewritten for them.
+                    row_scale = 1.0 / (sum_exp * normaliser)
+                    chunk_grad_hidden = torch.mm(exp_logits, weight32, out=grad_hidden[rows]).mul_(row_scale)
+                    chunk_grad_hidden.sub_(weight32[chunk_targets] / normaliser)
+                    grad_weight.addmm_(exp_logits.t(), h * row_scale)
+                    grad_weight.index_add_(0, chunk_targets, h / -normaliser)
         if compute_grads:
             ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
         return loss_sum / normaliser

@@ -1,6 +1,9 @@
 """End-to-end runs of both phases on a tiny model: learning, saving, reloading, resuming, refusing."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +128,38 @@ def test_phase1_stops_early_when_validation_loss_stops_improving(tmp_path, wiki_
     run_clm.main([str(recipe), "--early_stopping_patience", "1"])
     history = json.loads((tmp_path / "phase1" / "training_log.json").read_text())
     assert max(record["step"] for record in history) == 10  # of max_steps 40: best at 5, no improvement at 10
+
+
+HEAP_SCRIPT = """
+import sys, torch
+from trm.training import keep_freed_memory_for_reuse
+
+def mapping_of(address):
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) > 5 else "anonymous", high - low
+    return None, 0
+
+applied = keep_freed_memory_for_reuse() if sys.argv[1] == "keep" else None
+tensor = torch.ones(16 * 2**20)  # 64 MB, as large as a training step's gradient buffers
+address = tensor.data_ptr()
+name, size_in_use = mapping_of(address)
+del tensor
+print(applied, name, mapping_of(address)[1] == size_in_use)
+"""
+
+
+def test_large_freed_buffers_stay_in_the_heap_for_reuse():
+    def run(mode):
+        result = subprocess.run([sys.executable, "-c", HEAP_SCRIPT, mode], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parent.parent)
+        return result.stdout.split()
+
+    applied, name, kept = run("keep")
+    if applied != "True":
+        pytest.skip("not glibc: the allocator setting does not apply")
+    assert (name, kept) == ("[heap]", "True")  # served from the heap, and still there after it was freed
+    _, default_name, default_kept = run("default")
+    assert (default_name, default_kept) == ("anonymous", "False")  # glibc's default: its own mapping, unmapped on free

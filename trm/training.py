@@ -8,6 +8,10 @@ Design decisions:
 - Callbacks, not a custom loop: early stopping (`EarlyStoppingCallback`), sample generations at each
   evaluation, a CSV copy of the logs, and Ctrl-C, which asks the Trainer to save a checkpoint and stop
   at the end of the current step (a second Ctrl-C aborts at once).
+- Each step allocates and frees several 50 MB tensors (the tied embedding's gradients, the loss's logits
+  buffer); glibc hands blocks that large back to the kernel on free, so every step page-faults them in
+  again (~51,000 faults, ~5% of a phase-1 step, measured). `keep_freed_memory_for_reuse` tells glibc
+  to keep them; elsewhere it changes nothing.
 - `resume_from_checkpoint: auto` picks the newest checkpoint in `output_dir`, or starts fresh if there
   is none; the Trainer restores the model, optimizer, scheduler, RNG and data order from it.
 - The final model is written as a Hub-format directory (safetensors, config, tokenizer with its chat
@@ -18,6 +22,8 @@ Design decisions:
 from __future__ import annotations
 
 import csv
+import ctypes
+import ctypes.util
 import json
 import logging
 import math
@@ -282,6 +288,16 @@ def build_callbacks(output_dir: str, tokenizer, model_args: ModelArguments, earl
     return callbacks
 
 
+def keep_freed_memory_for_reuse() -> bool:
+    """Make glibc keep freed memory in the heap for reuse; returns whether the setting applied."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def collate_blocks(features: list[dict]) -> dict[str, torch.Tensor]:
     """Packed phase-1 blocks: every token is a label (the model shifts them), no padding, no mask."""
     input_ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
@@ -297,6 +313,7 @@ def train_and_evaluate(
         training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * max(1, training_args.world_size)
     )
     rules.check_step_budget(phase, training_args.max_steps, examples_per_step, len(train_dataset))
+    keep_freed_memory_for_reuse()
     trainer = TrmTrainer(
         model=model,
         args=training_args,
