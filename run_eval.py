@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from data.files import DataError
 from trm.cli import run_main
 from trm.evaluation import blocks_perplexity, instruction_evaluation, squad_evaluation, text_blocks
 from trm.generation import load_model
@@ -78,6 +79,8 @@ def main(argv=None) -> dict:
     if args.instructions_file or not (args.text_file or args.prepared_dir or args.squad_file or args.squad_v2_file):
         path = Path(args.instructions_file or DEFAULT_INSTRUCTIONS)
         instructions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not instructions:
+            raise DataError(f"{path} holds no instructions; write one per line.")
         result = instruction_evaluation(model, tokenizer, instructions[: args.limit], args.max_new_tokens)
         report["instructions"] = result
         rows += [("instructions", "ended by itself", f"{result['ended_by_itself']:.1%}"),

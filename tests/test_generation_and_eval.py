@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import run_chat
 import run_eval
+from data.files import DataError
 from trm.evaluation import blocks_perplexity, token_byte_lengths
 from trm.generation import SamplingSettings, fit_history, generate_reply
 from trm.training import default_generation_config
@@ -118,3 +119,10 @@ def test_run_eval_writes_a_report(model_dir, tmp_path):
     # The model ends every reply at once: empty answers are right only for the unanswerable question.
     assert saved["squad_v2.0"]["HasAns_exact"] == 0.0 and saved["squad_v2.0"]["NoAns_exact"] == 100.0
     assert saved["instructions"]["ended_by_itself"] == 1.0 and saved["instructions"]["in_format"] == 0.0
+
+
+def test_run_eval_refuses_an_empty_instructions_file(model_dir, tmp_path):
+    empty = tmp_path / "instructions.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(DataError, match="holds no instructions"):
+        run_eval.main([str(model_dir), "--instructions_file", str(empty)])
