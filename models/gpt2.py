@@ -71,7 +71,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = torch.zeros_like(weight32) if compute_grads else None
             # One logits buffer for all chunks: a fresh 50 MB tensor per chunk costs more in page faults
             # than the softmax itself. The logits are written vocabulary-major (`weight @ h.T`, then viewed
-            # transposed): the same product ran 1.7x faster than `h @ weight.T` here (AMD EPYC, torch 2.13 CPU).
+            # transposed): the same product runs ~1.5x faster than `h @ weight.T` (benchmarks/logits_layout.py).
             vocab = weight.shape[0]
             buffer = hidden32.new_empty(min(chunk_rows, hidden.shape[0]) * vocab)
             for start in range(0, hidden.shape[0], chunk_rows):
