@@ -4,6 +4,11 @@
     python run_chat.py outputs/phase2                       # chat; /reset clears the history, /exit quits
     python run_chat.py outputs/phase2 --prompt "Name three primary colours."
     echo "Hello!" | python run_chat.py outputs/phase2       # scripted: one turn per input line
+    python run_chat.py outputs/phase2 --passage_file article.txt   # questions answered from the passage
+
+In the chat, `/passage TEXT` answers the following questions from TEXT (grounded: a span of it, or the
+no-answer reply; `/passage` alone returns to free chat), and `/ask QUESTION` answers from the passage
+index (`--index`, built by run_index.py) and shows the source.
 """
 
 from __future__ import annotations
@@ -14,8 +19,13 @@ import sys
 import torch
 from transformers import TextStreamer
 
+from data.files import read_text
+from data.passages import split_passages
 from trm.cli import run_main
 from trm.generation import SamplingSettings, context_length, fit_history, generate_reply, load_model
+from trm.grounded import GroundedSettings, answer_from_passages
+from trm.recipe import RecipeError
+from trm.retrieval import PassageIndex, ask
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,8 +39,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top_k", type=int, default=defaults.top_k)
     parser.add_argument("--top_p", type=float, default=defaults.top_p)
     parser.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty)
+    parser.add_argument("--no_repeat_ngram_size", type=int, default=defaults.no_repeat_ngram_size)
+    parser.add_argument("--passage_file", help="answer every message from this text (grounded decoding)")
+    parser.add_argument("--index", default="cache/index.sqlite", help="passage index for /ask (run_index.py)")
+    parser.add_argument("--top_k", type=int, default=5, help="passages /ask retrieves")
     parser.add_argument("--seed", type=int, default=None)
     return parser.parse_args(argv)
+
+
+def grounded_reply(model, tokenizer, passage: str, question: str) -> str:
+    """A span of the passage (split into windows if it is long) that answers the question, or the no-answer reply."""
+    settings = GroundedSettings.for_model(model.name_or_path)
+    chosen = answer_from_passages(model, tokenizer, split_passages(passage, tokenizer) or [passage], question, settings)
+    if chosen is None:
+        return f"(that question is too long for the {context_length(model)}-token context; try a shorter one)"
+    return chosen[1].answer
+
+
+def ask_reply(model, tokenizer, index_path: str, question: str, top_k: int) -> str:
+    index = PassageIndex(index_path)
+    try:
+        result = ask(model, tokenizer, index, question, GroundedSettings.for_model(model.name_or_path), top_k)
+    finally:
+        index.close()
+    if result.passage is None:
+        return f"{result.answer} (no indexed passage shares a word with the question)"
+    return f"{result.answer}\n  source: [{result.passage.title}] {result.passage.text}"
 
 
 def main(argv=None) -> None:
@@ -38,20 +72,23 @@ def main(argv=None) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model_name_or_path)
-    settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                                args.no_repeat_ngram_size)
     max_prompt_tokens = context_length(model) - settings.max_new_tokens
     if max_prompt_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be below the context length {context_length(model)}.")
+        raise RecipeError(f"--max_new_tokens must be below the context length {context_length(model)}.")
+    passage = read_text(args.passage_file) if args.passage_file else None
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
     interactive = args.prompt is None and sys.stdin.isatty()
     if interactive:
-        print("Chatting with", args.model_name_or_path, "- /reset clears the history, /exit quits.")
+        print("Chatting with", args.model_name_or_path, "- /passage TEXT, /ask QUESTION, /reset clears the history, /exit quits.")
         print("you> ", end="", flush=True)
     lines = [args.prompt] if args.prompt is not None else sys.stdin
     for line in lines:
         message = line.strip()
+        command, _, rest = message.partition(" ")
         if not message:
             continue
         if message == "/exit":
@@ -59,16 +96,23 @@ def main(argv=None) -> None:
         if message == "/reset":
             history = list(base)
             print("(history cleared)")
-            continue
-        conversation = fit_history(history + [{"role": "user", "content": message}], tokenizer, max_prompt_tokens)
-        if conversation is None:
-            print(f"(that message is too long for the {context_length(model)}-token context; try a shorter one)")
-            continue
-        print("assistant>", end="", flush=True)
-        reply, ended = generate_reply(model, tokenizer, conversation, settings, streamer=streamer)
-        if not ended:
-            print("(reply cut at max_new_tokens)")
-        history = conversation + [{"role": "assistant", "content": reply or "..."}]
+        elif command == "/passage":
+            passage = rest.strip() or None
+            print("(answering from the passage)" if passage else "(back to free chat)")
+        elif command == "/ask":
+            print("assistant>", ask_reply(model, tokenizer, args.index, rest, args.top_k) if rest.strip() else "(usage: /ask QUESTION)")
+        elif passage:
+            print("assistant>", grounded_reply(model, tokenizer, passage, message))
+        else:
+            conversation = fit_history(history + [{"role": "user", "content": message}], tokenizer, max_prompt_tokens)
+            if conversation is None:
+                print(f"(that message is too long for the {context_length(model)}-token context; try a shorter one)")
+                continue
+            print("assistant>", end="", flush=True)
+            reply, ended = generate_reply(model, tokenizer, conversation, settings, streamer=streamer)
+            if not ended:
+                print("(reply cut at max_new_tokens)")
+            history = conversation + [{"role": "assistant", "content": reply or "..."}]
         if interactive:
             print("you> ", end="", flush=True)
 

@@ -4,6 +4,7 @@
     python run_eval.py outputs/phase1 --text_file held_out.txt
     python run_eval.py outputs/phase1 --prepared_dir cache/data/phase1-<key>     # the prepared validation split
     python run_eval.py outputs/phase2 --squad_file dev-v1.1.json --squad_v2_file dev-v2.0.json --limit 500
+    python run_eval.py outputs/phase2 --calibrate_no_answer dev-v2.0.json        # stores grounding.json
     python run_eval.py outputs/phase2                                             # the fixed instruction list
 
 Prints a table and writes a JSON report (default: <model>/eval_report.json).
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from data.files import DataError
 from trm.cli import run_main
-from trm.evaluation import blocks_perplexity, instruction_evaluation, squad_evaluation, text_blocks
+from trm.evaluation import blocks_perplexity, calibrate_no_answer, instruction_evaluation, squad_evaluation, text_blocks
+from trm.grounded import GroundedSettings
 from trm.generation import load_model
 
 DEFAULT_INSTRUCTIONS = Path(__file__).resolve().parent / "data" / "samples" / "eval_instructions.txt"
@@ -32,6 +34,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", default="validation", help="split of --prepared_dir")
     parser.add_argument("--squad_file", help="SQuAD v1.1 JSON (official layout)")
     parser.add_argument("--squad_v2_file", help="SQuAD v2.0 JSON (official layout)")
+    parser.add_argument("--decoding", choices=("free", "grounded", "both"), default="both",
+                        help="SQuAD answers generated freely, as passage spans (trm/grounded.py), or both side by side")
+    parser.add_argument("--calibrate_no_answer", metavar="SQUAD_V2_FILE",
+                        help="calibrate grounded decoding's no-answer threshold on this file and store it with the model")
+    parser.add_argument("--no_answer_threshold", type=float, default=None,
+                        help="override the stored threshold of grounded decoding")
     parser.add_argument("--instructions_file", default=None, help=f"one instruction per line (default: {DEFAULT_INSTRUCTIONS.name})")
     parser.add_argument("--limit", type=int, default=None, help="at most this many documents / questions per set")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="reply length for instructions")
@@ -68,15 +76,29 @@ def main(argv=None) -> dict:
             rows += [(key, "perplexity", f"{r['perplexity']:.2f}"), (key, "bits per byte", f"{r['bits_per_byte']:.4f}"),
                      (key, "tokens", f"{r['tokens']:,}")]
 
+    if args.calibrate_no_answer:
+        settings = GroundedSettings.for_model(args.model_name_or_path)
+        calibration = calibrate_no_answer(model, tokenizer, args.calibrate_no_answer, args.limit, settings)
+        settings.no_answer_threshold = calibration["no_answer_threshold"]
+        stored = settings.save(args.model_name_or_path)
+        report["calibration"] = {**calibration, "file": args.calibrate_no_answer, "stored_in": str(stored)}
+        rows += [("calibration", "threshold", f"{settings.no_answer_threshold:.3f}"),
+                 ("calibration", "F1 at threshold", f"{calibration['f1_at_threshold']:.2f}")]
+
+    decodings = ("free", "grounded") if args.decoding == "both" else (args.decoding,)
     for key, path in (("squad_v1.1", args.squad_file), ("squad_v2.0", args.squad_v2_file)):
-        if path:
-            scores = squad_evaluation(model, tokenizer, path, args.limit)
-            report[key] = scores
+        for decoding in decodings if path else ():
+            # SQuAD v1.1 has no unanswerable questions: grounded decoding there always answers with a span.
+            grounded = GroundedSettings.for_model(
+                args.model_name_or_path, no_answer_threshold=args.no_answer_threshold, allow_no_answer=key == "squad_v2.0")
+            scores = squad_evaluation(model, tokenizer, path, args.limit, decoding, grounded)
+            report[f"{key} {decoding}"] = scores
             for name in ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "total"):
                 if name in scores:
-                    rows.append((key, name, f"{scores[name]:.2f}" if name != "total" else str(scores[name])))
+                    rows.append((f"{key} {decoding}", name, f"{scores[name]:.2f}" if name != "total" else str(scores[name])))
 
-    if args.instructions_file or not (args.text_file or args.prepared_dir or args.squad_file or args.squad_v2_file):
+    if args.instructions_file or not (args.text_file or args.prepared_dir or args.squad_file or args.squad_v2_file
+                                      or args.calibrate_no_answer):
         path = Path(args.instructions_file or DEFAULT_INSTRUCTIONS)
         instructions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not instructions:
@@ -87,9 +109,9 @@ def main(argv=None) -> dict:
                  ("instructions", "in format", f"{result['in_format']:.1%}"),
                  ("instructions", "count", str(result["instructions"]))]
 
-    print(f"\n{'set':<14} {'metric':<16} {'value':>12}")
+    print(f"\n{'set':<20} {'metric':<16} {'value':>12}")
     for name, metric, value in rows:
-        print(f"{name:<14} {metric:<16} {value:>12}")
+        print(f"{name:<20} {metric:<16} {value:>12}")
     report_path = Path(args.report) if args.report else Path(args.model_name_or_path) / "eval_report.json"
     write_json_atomically(report_path, report)
     print(f"\nreport: {report_path}")

@@ -64,6 +64,19 @@ def open_binary(path: str | Path) -> IO[bytes]:
     return opener(path, "rb")
 
 
+def read_text(path: str | Path) -> str:
+    """A whole (possibly compressed) UTF-8 text file as one string, e.g. a passage to answer questions from."""
+    with open_binary(path) as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not valid UTF-8 at byte {error.start}.") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file.")
+    return text
+
+
 def _decoded_lines(path: Path, skipped: SkipCounter) -> Iterator[str]:
     with open_binary(path) as handle:
         for raw in handle:

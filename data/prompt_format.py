@@ -86,7 +86,8 @@ def generation_prompt(messages: Iterable[dict]) -> str:
 # Reading comprehension (SQuAD) uses one user-message layout and one fixed reply for questions the
 # passage cannot answer (SQuAD v2.0), in training and in evaluation alike.
 NO_ANSWER_REPLY = "The passage does not contain the answer to this question."
+PASSAGE_LABEL = "Passage: "
 
 
 def reading_comprehension_message(passage: str, question: str) -> str:
-    return f"Answer the question using the passage.\n\nPassage: {passage.strip()}\n\nQuestion: {question.strip()}"
+    return f"Answer the question using the passage.\n\n{PASSAGE_LABEL}{passage.strip()}\n\nQuestion: {question.strip()}"

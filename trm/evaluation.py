@@ -6,9 +6,11 @@ Design decisions:
   block is context only. Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the
   predicted tokens, which makes models with different tokenizers comparable.
 - SQuAD prompts are built by the same helpers as the training data; passages too long for the context
-  are cut from the start (the answer position is unknown at test time) and counted. A reply equal to
-  the fixed no-answer reply counts as "no answer". Scores come from the local `evaluate` metric in
-  `trm/metrics/squad`, which needs no network.
+  are cut from the start (the answer position is unknown at test time). A question too long to fit even
+  without its passage is counted and scored as unanswered. A reply equal to the fixed no-answer reply
+  counts as "no answer". Scores come from the local `evaluate` metric in `trm/metrics/squad`, offline.
+- SQuAD is scored with free greedy generation or with grounded decoding (`trm.grounded`); the no-answer
+  threshold of grounded decoding is calibrated on a SQuAD v2.0 file by `calibrate_no_answer`.
 - Instruction following: each fixed instruction is answered greedily; a reply "in format" is non-empty,
   ends with `<|endoftext|>` by itself and does not start another turn.
 """
@@ -28,6 +30,10 @@ from data.prompt_format import ASSISTANT_PREFIX, NO_ANSWER_REPLY, USER_PREFIX, r
 from data.sft import fit_passage
 from models.gpt2 import chunked_lm_loss
 from trm.generation import SamplingSettings, generate_reply
+from trm.grounded import (
+    GroundedAnswer, GroundedSettings, answer_from_passages, calibrate_no_answer_threshold,
+)
+from trm.metrics.squad.squad import f1 as squad_f1
 
 SQUAD_METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "squad"
 
@@ -81,34 +87,71 @@ def squad_rows(path: str, limit: int | None) -> list[dict]:
     rows = []
     for row in squad_rows_from_official(load_json_document(path), path):
         if row.get("context") and row.get("question"):
-            rows.append({"id": row.get("id"), "context": row["context"], "question": row["question"],
+            rows.append({"id": row.get("id"), "title": row.get("title", ""), "context": row["context"], "question": row["question"],
                          "answers": [a["text"] for a in row.get("answers") or [] if isinstance(a, dict) and a.get("text")]})
         if limit is not None and len(rows) >= limit:
             break
     return rows
 
 
-def squad_evaluation(model, tokenizer, path: str, limit: int | None, max_new_tokens: int = 32) -> dict:
+def squad_prompt_passage(row: dict, tokenizer, context: int, reply_tokens: int) -> str | None:
+    """The passage cut (from its start) so that prompt and a reply of `reply_tokens` fit; None if nothing fits."""
+    placeholder_reply = " ".join(["x"] * reply_tokens)  # reserves room for the reply in the context
+    return fit_passage(row["context"], row["question"], placeholder_reply, tokenizer, context, anchor=None)
+
+
+def grounded_squad_answers(model, tokenizer, rows: list[dict], settings: GroundedSettings) -> list[GroundedAnswer | None]:
+    """Grounded answers to SQuAD rows; None for a question too long to fit the context with any passage."""
+    answers = []
+    for row in rows:
+        chosen = answer_from_passages(model, tokenizer, [row["context"]], row["question"], settings)
+        answers.append(None if chosen is None else chosen[1])
+    return answers
+
+
+def best_f1(prediction: str, references: list[str]) -> float:
+    return max((squad_f1(prediction, reference) for reference in references), default=float(not prediction))
+
+
+def free_squad_answer(model, tokenizer, row: dict, max_new_tokens: int) -> str | None:
+    passage = squad_prompt_passage(row, tokenizer, int(model.config.n_positions), max_new_tokens)
+    if passage is None:
+        return None
+    messages = [{"role": "user", "content": reading_comprehension_message(passage, row["question"])}]
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
+    return generate_reply(model, tokenizer, messages, settings)[0]
+
+
+def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: str = "free",
+                     grounded: GroundedSettings | None = None, max_new_tokens: int = 32) -> dict:
+    """SQuAD EM/F1 of free greedy generation or of grounded span decoding (`trm.grounded`)."""
     import evaluate
 
-    context = int(model.config.n_positions)
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
-    predictions, references, examples, truncated = [], [], [], 0
-    placeholder_reply = " ".join(["x"] * max_new_tokens)  # reserves room for the reply in the context
-    for row in squad_rows(path, limit):
-        passage = fit_passage(row["context"], row["question"], placeholder_reply, tokenizer, context, anchor=None)
-        if passage is None:
-            passage = ""
-        truncated += passage != row["context"]
-        messages = [{"role": "user", "content": reading_comprehension_message(passage, row["question"])}]
-        reply, _ = generate_reply(model, tokenizer, messages, settings)
-        prediction = "" if reply.strip() == NO_ANSWER_REPLY else reply.strip()
-        predictions.append(prediction)
-        references.append(row["answers"])
-        examples.append({"id": row["id"], "question": row["question"], "prediction": reply, "answers": row["answers"]})
+    rows = squad_rows(path, limit)
+    if decoding == "grounded":
+        answers = grounded_squad_answers(model, tokenizer, rows, grounded or GroundedSettings())
+        replies = [None if a is None else a.answer for a in answers]
+    else:
+        replies = [free_squad_answer(model, tokenizer, row, max_new_tokens) for row in rows]
+    predictions = ["" if reply is None or reply == NO_ANSWER_REPLY else reply for reply in replies]
     metric = evaluate.load(str(SQUAD_METRIC_DIR))
-    scores = metric.compute(predictions=predictions, references=references)
-    return {**scores, "passages_truncated": truncated, "examples": examples[:20]}
+    scores = metric.compute(predictions=predictions, references=[row["answers"] for row in rows])
+    examples = [{"id": row["id"], "question": row["question"], "reply": reply, "answers": row["answers"]}
+                for row, reply in zip(rows[:20], replies)]
+    return {**scores, "decoding": decoding, "questions_too_long": replies.count(None), "examples": examples}
+
+
+def calibrate_no_answer(model, tokenizer, path: str, limit: int | None, settings: GroundedSettings) -> dict:
+    """Grounded answers on a SQuAD v2.0 file, then the no-answer threshold that maximises their F1."""
+    rows = squad_rows(path, limit)
+    answers = grounded_squad_answers(model, tokenizer, rows, settings)
+    scored = [(a, row) for a, row in zip(answers, rows) if a is not None]
+    if not any(row["answers"] for _, row in scored) or all(row["answers"] for _, row in scored):
+        raise DataError(f"{path}: calibration needs answerable and unanswerable questions (a SQuAD v2.0 file).")
+    threshold, f1 = calibrate_no_answer_threshold(
+        [a.margin for a, _ in scored], [best_f1(a.span, row["answers"]) for a, row in scored],
+        [bool(row["answers"]) for _, row in scored])
+    return {"questions": len(scored), "no_answer_threshold": threshold, "f1_at_threshold": f1}
 
 
 def instruction_evaluation(model, tokenizer, instructions: list[str], max_new_tokens: int = 128) -> dict:

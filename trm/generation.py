@@ -5,6 +5,8 @@ Design decisions:
   training data, so chat, one-shot generation and evaluation see exactly what training taught.
 - Replies stop at `<|endoftext|>` through the model's generation config (its EOS), with no extra
   stopping rule; whether a reply ended by itself is reported, because that is a quality signal.
+- Greedy loops are the usual reason a reply does not end; a 3-gram may not repeat by default
+  (`no_repeat_ngram_size`), chosen by measurement on unseen prompts (`benchmarks/reply_endings.py`).
 - History is trimmed oldest exchange first until the prompt plus `max_new_tokens` fits the context.
 """
 
@@ -26,15 +28,16 @@ class SamplingSettings:
     top_k: int = 50
     top_p: float = 0.95
     repetition_penalty: float = 1.1
+    # Chosen by benchmarks/reply_endings.py: 3 ends 98-100% of replies on unseen prompts (78-94% without).
+    no_repeat_ngram_size: int = 3
     greedy: bool = False
 
     def generate_kwargs(self) -> dict:
+        common = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
+                  "no_repeat_ngram_size": self.no_repeat_ngram_size}
         if self.greedy or self.temperature <= 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        return {
-            "do_sample": True, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-            "top_k": self.top_k, "top_p": self.top_p, "repetition_penalty": self.repetition_penalty,
-        }
+            return {"do_sample": False, **common}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, **common}
 
 
 def load_model(path: str | Path):

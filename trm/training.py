@@ -40,6 +40,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from models.gpt2 import chunked_lm_loss, use_fused_gelu
+from trm.generation import SamplingSettings
 from trm import rules
 
 logger = logging.getLogger(__name__)
@@ -213,9 +214,10 @@ def refuse_foreign_output_dir(output_dir: str, resume: str | None) -> None:
 
 
 def default_generation_config(tokenizer, max_new_tokens: int = 128) -> GenerationConfig:
+    """The chat's sampling defaults (`trm.generation.SamplingSettings`), stored so `pipeline` users get them too."""
     return GenerationConfig(
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-        do_sample=True, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1, max_new_tokens=max_new_tokens,
+        **SamplingSettings(max_new_tokens=max_new_tokens).generate_kwargs(),
     )
 
 

@@ -1,0 +1,132 @@
+"""Grounded decoding answers with a passage span or the no-answer reply, scored by the model's own likelihood."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import TINY_CONFIG
+from data.files import DataError
+from data.prompt_format import NO_ANSWER_REPLY, generation_prompt, reading_comprehension_message
+from trm.grounded import (
+    GroundedSettings, _word_boundaries, answer_from_passage, answer_from_passages, calibrate_no_answer_threshold,
+)
+
+WORDS = ["the", "river", "Rhine", "flows", "1,233", "km", "north", "(Lake", "Constance)", "through", "Basel,", "über",
+         "Köln.", "It", "ends", "in", "Hoek", "van", "Holland.", "—", "x", "Oxygen's", "O2", "\"quoted\"", "e.g."]
+
+
+def _random_model(seed: int, positions: int = 128) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**{**TINY_CONFIG, "n_positions": positions})).eval()
+
+
+def _reply_logprob(model, tokenizer, passage: str, question: str, reply: str) -> float:
+    """log P(" reply<|endoftext|>" | prompt) by one plain forward pass, without any cache."""
+    prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, question)}])
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    reply_ids = tokenizer(" " + reply)["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt_ids + reply_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(reply_ids) - 1)
+    return float(logprobs[positions, torch.tensor(reply_ids)].sum())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=25), seed=st.integers(0, 3),
+       threshold=st.floats(-5, 5), candidates=st.integers(1, 12))
+def test_the_reply_is_always_a_passage_span_or_the_no_answer_reply(tokenizer, words, seed, threshold, candidates):
+    passage = " ".join(words)
+    model = _random_model(seed)
+    config = GroundedSettings(max_answer_tokens=6, start_candidates=candidates, no_answer_threshold=threshold)
+    answer = answer_from_passage(model, tokenizer, passage, "Where does the river end?", config)
+    if answer.answered:
+        assert answer.answer == answer.span and answer.span in passage
+        assert passage[answer.char_start:answer.char_start + len(answer.span)] == answer.span
+        before = passage[answer.char_start - 1] if answer.char_start > 0 else " "
+        assert before == " "  # spans start at a word
+    else:
+        assert answer.answer == NO_ANSWER_REPLY
+
+
+def test_scores_are_the_model_likelihood_and_the_best_span_wins(tokenizer):
+    passage = "The Rhine ends in Hoek van Holland, near Rotterdam."
+    question = "Where does the Rhine end?"
+    model = _random_model(seed=1)
+    config = GroundedSettings(max_answer_tokens=8, start_candidates=100)
+    answer = answer_from_passage(model, tokenizer, passage, question, config)
+    assert answer.span_score == pytest.approx(_reply_logprob(model, tokenizer, passage, question, answer.span), abs=1e-3)
+    assert answer.no_answer_score == pytest.approx(_reply_logprob(model, tokenizer, passage, question, NO_ANSWER_REPLY), abs=1e-3)
+    # Brute force over every whole-word span: none is likelier than the one chosen.
+    words = passage.split()
+    spans = {" ".join(words[i:j]).rstrip(",.") for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
+    spans |= {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
+    best = max(_reply_logprob(model, tokenizer, passage, question, span) for span in spans
+               if len(tokenizer(" " + span)["input_ids"]) <= config.max_answer_tokens)
+    assert answer.span_score == pytest.approx(best, abs=1e-3)
+
+
+def test_the_threshold_decides_between_span_and_abstention(tokenizer):
+    model = _random_model(seed=2)
+    passage, question = "Paris is the capital of France.", "What is the capital of France?"
+    margin = answer_from_passage(model, tokenizer, passage, question, GroundedSettings()).margin
+    above = answer_from_passage(model, tokenizer, passage, question, GroundedSettings(no_answer_threshold=margin - 0.01))
+    below = answer_from_passage(model, tokenizer, passage, question, GroundedSettings(no_answer_threshold=margin + 0.01))
+    forced = answer_from_passage(model, tokenizer, passage, question,
+                                 GroundedSettings(no_answer_threshold=margin + 0.01, allow_no_answer=False))
+    assert above.answered and above.answer in passage
+    assert not below.answered and below.answer == NO_ANSWER_REPLY and below.span == above.span
+    assert forced.answered and forced.answer == above.answer
+
+
+def test_several_passages_keep_the_most_confident_answer_and_long_questions_are_refused(tokenizer):
+    model = _random_model(seed=3)
+    passages = ["Paris is the capital of France.", "The Rhine flows north.", "Oxygen is a gas."]
+    question = "What is the capital?"
+    position, chosen = answer_from_passages(model, tokenizer, passages, question, GroundedSettings())
+    margins = [answer_from_passage(model, tokenizer, p, question, GroundedSettings()).margin for p in passages]
+    assert position == max(range(3), key=margins.__getitem__) and chosen.margin == pytest.approx(max(margins))
+    assert answer_from_passages(model, tokenizer, passages, "why " * 200, GroundedSettings()) is None
+    with pytest.raises(ValueError, match="no room"):
+        answer_from_passage(model, tokenizer, "word " * 150, question, GroundedSettings())
+
+
+def test_calibration_picks_the_threshold_that_maximises_f1():
+    # margins, best-span F1, has an answer: answering questions 2 and 3 only is best (F1 = (1 + 1 + 1 + 0.5) / 4).
+    margins = [-2.0, -1.0, 1.0, 3.0]
+    span_f1 = [0.0, 0.0, 1.0, 0.5]
+    has_answer = [False, False, True, True]
+    threshold, f1 = calibrate_no_answer_threshold(margins, span_f1, has_answer)
+    assert -1.0 <= threshold < 1.0 and f1 == pytest.approx(100 * 3.5 / 4)
+    # When every answer is wrong, the unanswerable questions must abstain; answering the others costs nothing.
+    threshold, f1 = calibrate_no_answer_threshold(margins, [0.0] * 4, has_answer)
+    assert threshold >= -1.0 and f1 == pytest.approx(50.0)
+    # When the unanswerable questions have the largest margins, everything must abstain.
+    threshold, f1 = calibrate_no_answer_threshold(margins, [0.0] * 4, [True, True, False, False])
+    assert threshold == 3.0 and f1 == pytest.approx(50.0)
+    # Equal margins are decided together: the threshold cannot split them.
+    threshold, _ = calibrate_no_answer_threshold([0.0, 0.0], [0.0, 0.0], [False, True])
+    assert threshold in (-1.0, 0.0)
+
+
+def test_spans_start_and_end_at_whole_words(tokenizer):
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(" Hoek van Holland, 1,233 km.")["input_ids"])
+    assert tokens == ["ĠHo", "ek", "Ġvan", "ĠHolland", ",", "Ġ1", ",", "233", "Ġkm", "."]
+    starts, ends = _word_boundaries(tokens)
+    assert starts == [True, False, True, True, False, True, False, False, True, False]
+    # "Ho" cannot end a span (the word goes on), "1" can ("1" or "1,233"), and so can the final ".".
+    assert ends == [False, True, True, True, True, True, False, True, True, True]
+
+
+def test_settings_are_stored_beside_the_model(tmp_path):
+    GroundedSettings(no_answer_threshold=1.25, start_candidates=9).save(tmp_path)
+    loaded = GroundedSettings.for_model(tmp_path, no_answer_threshold=None, max_answer_tokens=4)
+    assert loaded.no_answer_threshold == 1.25 and loaded.start_candidates == 9 and loaded.max_answer_tokens == 4
+    assert GroundedSettings.for_model(tmp_path / "elsewhere") == GroundedSettings()
+    (tmp_path / "grounding.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        GroundedSettings.for_model(tmp_path)
+    assert json.loads(GroundedSettings().save(tmp_path).read_text())["no_answer_threshold"] == 0.0

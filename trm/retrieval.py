@@ -1,0 +1,195 @@
+"""Retrieval over your own corpus: passages in an SQLite FTS5 full-text index, ranked by BM25.
+
+Design decisions:
+- One SQLite file. `passages` holds each passage once (UNIQUE digest of its text), with its page title
+  and source file; `passage_search` is an FTS5 index over title and text kept in step by triggers
+  (FTS5's external-content pattern); `sources` records each indexed file with its size and mtime.
+- Incremental: a file whose size and mtime match its `sources` row is skipped; a changed file's old
+  passages are deleted first. Passages already present (from any file) are not added again.
+- Crash-safe: SQLite commits are atomic. Passages are committed in batches and the file's `sources` row
+  last, so an interrupted build leaves a usable index; the next build reads the unfinished file again
+  and its committed passages are recognised by their digest.
+- Corpus files are read by `data.files` (the formats phase 1 reads), cleaned by `data.cleaning` and cut
+  by `data.passages` into windows of whole sentences that leave room for a question and its answer.
+- Queries are the question's words minus common function words, OR-ed and quoted (so no word is read
+  as FTS5 syntax), ranked by BM25 with the title weighted twice the text; words are stemmed (porter).
+- `ask` answers from each of the top-k passages with grounded decoding (`trm.grounded`) and keeps the
+  answer whose margin over the no-answer reply is largest, so the answer always comes with its source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from data.cleaning import clean_text
+from data.files import DataError, SkipCounter, read_records
+from data.passages import split_passages
+from data.prompt_format import NO_ANSWER_REPLY
+from trm.grounded import GroundedSettings, answer_from_passages
+
+COMMIT_EVERY = 2_000
+TITLE_WEIGHT, TEXT_WEIGHT = 2.0, 1.0
+STOPWORDS = frozenset(
+    "a an and are as at be been but by can could did do does for from had has have how i in into is it its "
+    "of on or so than that the their them then there these they this those to was were what when where "
+    "which who whom whose why will with would you your".split()
+)
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS passages (
+    id INTEGER PRIMARY KEY, digest TEXT UNIQUE NOT NULL, source TEXT NOT NULL, title TEXT NOT NULL, text TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS passages_by_source ON passages(source);
+CREATE VIRTUAL TABLE IF NOT EXISTS passage_search USING fts5(
+    title, text, content='passages', content_rowid='id', tokenize='porter unicode61');
+CREATE TRIGGER IF NOT EXISTS passages_added AFTER INSERT ON passages BEGIN
+    INSERT INTO passage_search(rowid, title, text) VALUES (new.id, new.title, new.text); END;
+CREATE TRIGGER IF NOT EXISTS passages_deleted AFTER DELETE ON passages BEGIN
+    INSERT INTO passage_search(passage_search, rowid, title, text) VALUES ('delete', old.id, old.title, old.text); END;
+CREATE TABLE IF NOT EXISTS sources (
+    path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, passages INTEGER, duplicates INTEGER, skipped TEXT);
+"""
+
+
+@dataclass
+class Passage:
+    id: int
+    title: str
+    text: str
+    source: str
+    score: float  # BM25 as FTS5 reports it: lower is better
+
+
+def require_fts5() -> None:
+    """Refuse, in one sentence, a Python whose sqlite3 was built without FTS5."""
+    try:
+        sqlite3.connect(":memory:").execute("CREATE VIRTUAL TABLE probe USING fts5(text)")
+    except sqlite3.OperationalError:
+        raise DataError(f"this Python's sqlite3 (SQLite {sqlite3.sqlite_version}) has no FTS5 full-text search; "
+                        "use a Python built with FTS5 (python.org and most Linux builds are).") from None
+
+
+def query_terms(question: str) -> list[str]:
+    words = dict.fromkeys(w for w in re.findall(r"\w+", question.lower()) if w not in STOPWORDS)
+    return list(words)
+
+
+class PassageIndex:
+    """An FTS5 passage index in one SQLite file (see the module docstring)."""
+
+    def __init__(self, path: str | Path, create: bool = False):
+        require_fts5()
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise FileNotFoundError(f"no passage index at {self.path}; build one with make index CORPUS=...")
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(self.path))
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as error:
+            raise DataError(f"{self.path} is not a passage index ({error}).") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
+
+    def add_passages(self, passages: Iterable[tuple[str, str]], source: str) -> tuple[int, int]:
+        """Add (title, text) passages from `source`; returns (added, duplicates). Commits in batches."""
+        added = duplicates = 0
+        for number, (title, text) in enumerate(passages, 1):
+            digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+            cursor = self.db.execute(
+                "INSERT OR IGNORE INTO passages(digest, source, title, text) VALUES (?, ?, ?, ?)", (digest, source, title, text))
+            added += cursor.rowcount
+            duplicates += 1 - cursor.rowcount
+            if number % COMMIT_EVERY == 0:
+                self.db.commit()
+        self.db.commit()
+        return added, duplicates
+
+    def add_file(self, path: str | Path, tokenizer, text_column: str = "text") -> dict:
+        """Index one corpus file (skipped if unchanged since it was indexed); returns what happened."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: file not found.")
+        stat = path.stat()
+        return self.add_records(str(path.resolve()), (stat.st_size, stat.st_mtime_ns), lambda skipped: read_records(path, skipped),
+                                tokenizer, text_column, default_title=path.name.split(".")[0])
+
+    def add_records(self, source: str, version: tuple[int, int], read, tokenizer, text_column: str,
+                    default_title: str) -> dict:
+        """Index the records `read(skipped)` yields under `source`, unless that source is indexed at `version`."""
+        row = self.db.execute("SELECT size, mtime_ns FROM sources WHERE path = ?", (source,)).fetchone()
+        if row == tuple(version):
+            return {"source": source, "status": "unchanged, skipped"}
+        self.db.execute("DELETE FROM passages WHERE source = ?", (source,))
+        skipped = SkipCounter()
+        passages = self._passages(read(skipped), tokenizer, text_column, default_title, skipped)
+        added, duplicates = self.add_passages(passages, source)
+        if added + duplicates == 0:
+            raise DataError(f"{source}: no text to index ({skipped.describe() if skipped else 'empty'}).")
+        self.db.execute("INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?, ?, ?)",
+                        (source, *version, added, duplicates, json.dumps(dict(skipped))))
+        self.db.commit()
+        return {"source": source, "status": "indexed", "passages": added, "duplicates": duplicates, "skipped": skipped}
+
+    @staticmethod
+    def _passages(records: Iterable[dict], tokenizer, text_column: str, default_title: str,
+                  skipped: SkipCounter) -> Iterator[tuple[str, str]]:
+        for record in records:
+            text = record.get(text_column)
+            text = clean_text(text) if isinstance(text, str) else ""
+            if not text:
+                skipped[f"records without text in {text_column!r}"] += 1
+                continue
+            title = record.get("title") if isinstance(record.get("title"), str) else default_title
+            for passage in split_passages(text, tokenizer):
+                yield title, passage
+
+    def search(self, question: str, k: int = 5) -> list[Passage]:
+        """The k passages that best match the question's words by BM25 (best first); [] if it has none."""
+        terms = query_terms(question)
+        if not terms:
+            return []
+        match = " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
+        rows = self.db.execute(
+            f"SELECT p.id, p.title, p.text, p.source, bm25(passage_search, {TITLE_WEIGHT}, {TEXT_WEIGHT}) AS score "
+            "FROM passage_search JOIN passages p ON p.id = passage_search.rowid "
+            "WHERE passage_search MATCH ? ORDER BY score LIMIT ?", (match, k)).fetchall()
+        return [Passage(*row) for row in rows]
+
+
+@dataclass
+class RetrievedAnswer:
+    question: str
+    answer: str          # a span of `passage`, or the no-answer reply
+    answered: bool
+    margin: float        # the span's score over the no-answer reply's (log-probability)
+    passage: Passage | None
+    candidates: list[Passage]
+
+    def as_dict(self) -> dict:
+        return {"question": self.question, "answer": self.answer, "answered": self.answered, "margin": round(self.margin, 4),
+                "title": self.passage and self.passage.title, "passage": self.passage and self.passage.text,
+                "source": self.passage and self.passage.source,
+                "retrieved": [{"title": p.title, "bm25": round(p.score, 4), "text": p.text} for p in self.candidates]}
+
+
+def ask(model, tokenizer, index: PassageIndex, question: str, settings: GroundedSettings, top_k: int = 5) -> RetrievedAnswer:
+    """Retrieve the top-k passages, answer from each (grounded), keep the most confident answer or abstain."""
+    candidates = index.search(question, top_k)
+    if not candidates:
+        return RetrievedAnswer(question, NO_ANSWER_REPLY, False, -math.inf, None, [])
+    chosen = answer_from_passages(model, tokenizer, [p.text for p in candidates], question, settings)
+    if chosen is None:
+        raise DataError(f"the question is too long for the {model.config.n_positions}-token context; ask a shorter one.")
+    position, answer = chosen
+    return RetrievedAnswer(question, answer.answer, answer.answered, answer.margin, candidates[position], candidates)
