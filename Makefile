@@ -10,8 +10,10 @@ TORCH_INDEX   ?=
 ARGS          ?=
 MODEL         ?= outputs/phase2
 PHASE1_MODEL  ?= outputs/phase1
+INDEX         ?= cache/index.sqlite
+CORPUS        ?=
 
-.PHONY: venv test quickstart pretrain sft eval generate chat push bench clean
+.PHONY: venv test quickstart pretrain sft eval generate chat index ask push bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +42,13 @@ generate: venv
 chat: venv
 	$(PY) run_chat.py $(MODEL) $(ARGS)
 
+index: venv
+	$(PY) run_index.py --index $(INDEX) $(if $(CORPUS),--corpus $(CORPUS)) $(ARGS)
+
+ask: venv
+	@test -n "$(QUESTION)" || (echo 'usage: make ask QUESTION="..." [MODEL=dir] [INDEX=file]' && exit 2)
+	$(PY) run_ask.py $(MODEL) "$(QUESTION)" --index $(INDEX) $(ARGS)
+
 push: venv
 	@test -n "$(HUB_ID)" || (echo "usage: make push MODEL=DIR HUB_ID=user/name" && exit 2)
 	$(PY) -m trm.hub $(MODEL) $(HUB_ID)
@@ -54,6 +63,9 @@ quickstart: venv
 	$(PY) run_sft.py recipes/quickstart_phase2.yaml
 	$(PY) run_eval.py outputs/quickstart/phase2 --squad_v2_file data/samples/squad_v2_sample.json --limit 20
 	echo "What is the capital of France?" | $(PY) run_chat.py outputs/quickstart/phase2 --max_new_tokens 40
+	$(PY) run_index.py --recipe recipes/quickstart_phase1.yaml --index outputs/quickstart/index.sqlite
+	$(PY) run_ask.py outputs/quickstart/phase2 "When did the 1942 Alabama gubernatorial election take place?" \
+		--index outputs/quickstart/index.sqlite
 
 clean:
 	rm -rf outputs cache

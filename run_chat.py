@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no_repeat_ngram_size", type=int, default=defaults.no_repeat_ngram_size)
     parser.add_argument("--passage_file", help="answer every message from this text (grounded decoding)")
     parser.add_argument("--index", default="cache/index.sqlite", help="passage index for /ask (run_index.py)")
-    parser.add_argument("--top_k", type=int, default=5, help="passages /ask retrieves")
+    parser.add_argument("--ask_top_k", type=int, default=5, help="passages /ask retrieves and answers from")
     parser.add_argument("--seed", type=int, default=None)
     return parser.parse_args(argv)
 
@@ -75,8 +75,8 @@ def main(argv=None) -> None:
     settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                                 args.no_repeat_ngram_size)
     max_prompt_tokens = context_length(model) - settings.max_new_tokens
-    if max_prompt_tokens <= 0:
-        raise RecipeError(f"--max_new_tokens must be below the context length {context_length(model)}.")
+    if settings.max_new_tokens < 1 or max_prompt_tokens <= 0:
+        raise RecipeError(f"--max_new_tokens must be between 1 and the context length {context_length(model)} - 1.")
     passage = read_text(args.passage_file) if args.passage_file else None
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     base = [{"role": "system", "content": args.system}] if args.system else []
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
             passage = rest.strip() or None
             print("(answering from the passage)" if passage else "(back to free chat)")
         elif command == "/ask":
-            print("assistant>", ask_reply(model, tokenizer, args.index, rest, args.top_k) if rest.strip() else "(usage: /ask QUESTION)")
+            print("assistant>", ask_reply(model, tokenizer, args.index, rest, args.ask_top_k) if rest.strip() else "(usage: /ask QUESTION)")
         elif passage:
             print("assistant>", grounded_reply(model, tokenizer, passage, message))
         else:

@@ -19,7 +19,7 @@ from trm import rules
 from trm.cli import run_main
 from trm.recipe import parse_recipe
 from trm.training import (
-    ModelArguments, collate_blocks, default_generation_config, refuse_foreign_output_dir, resolve_resume_checkpoint,
+    ModelArguments, collate_blocks, default_generation_config, claim_output_dir,
     save_final_model, train_and_evaluate,
 )
 
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     rules.check_tokenizer(model_args.tokenizer_name)
     rules.check_epochs(PHASE, training_args.num_train_epochs)
     rules.check_device(training_args.use_cpu, training_args.bf16, training_args.fp16)
-    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    refuse_foreign_output_dir(training_args.output_dir, resume)
+    resume = claim_output_dir(training_args)
 
     datasets_, stats = prepare_pretraining_data(data_args, seed=training_args.seed)
     logger.info("%s", describe_stats(stats))

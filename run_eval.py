@@ -19,8 +19,11 @@ from pathlib import Path
 
 from data.files import DataError
 from trm.cli import run_main
-from trm.evaluation import blocks_perplexity, calibrate_no_answer, instruction_evaluation, squad_evaluation, text_blocks
+from trm.evaluation import (
+    blocks_perplexity, calibrate_no_answer, copying_loss, instruction_evaluation, squad_evaluation, text_blocks,
+)
 from trm.grounded import GroundedSettings
+from trm.recipe import RecipeError
 from trm.generation import load_model
 
 DEFAULT_INSTRUCTIONS = Path(__file__).resolve().parent / "data" / "samples" / "eval_instructions.txt"
@@ -42,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override the stored threshold of grounded decoding")
     parser.add_argument("--instructions_file", default=None, help=f"one instruction per line (default: {DEFAULT_INSTRUCTIONS.name})")
     parser.add_argument("--limit", type=int, default=None, help="at most this many documents / questions per set")
-    parser.add_argument("--max_new_tokens", type=int, default=128, help="reply length for instructions")
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help="reply length for instructions (default: 128, or half the context if that is shorter)")
     parser.add_argument("--report", default=None, help="JSON report path (default: <model>/eval_report.json)")
     return parser.parse_args(argv)
 
@@ -55,10 +59,22 @@ def write_json_atomically(path: Path, payload: dict | list) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise RecipeError("--limit must be at least 1.")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise RecipeError("--max_new_tokens must be at least 1.")
     model, tokenizer = load_model(args.model_name_or_path)
     block_size = int(model.config.n_positions)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(128, block_size // 2)
+    if args.max_new_tokens >= block_size:
+        raise RecipeError(f"--max_new_tokens must be below the model's context of {block_size} tokens.")
     report: dict = {"model": args.model_name_or_path}
     rows: list[tuple[str, str, str]] = []
+    report_path = Path(args.report) if args.report else Path(args.model_name_or_path) / "eval_report.json"
+    report["copying"] = copying_loss(model)
+    rows += [("copying", "random tokens", f"{report['copying']['random_loss']:.3f}"),
+             ("copying", "repeated tokens", f"{report['copying']['copy_loss']:.3f}")]
 
     if args.text_file:
         blocks, info = text_blocks(args.text_file, tokenizer, block_size, args.limit)
@@ -70,6 +86,7 @@ def main(argv=None) -> dict:
         dataset = load_from_disk(str(folder / "dataset" if (folder / "dataset").is_dir() else folder))[args.split]
         blocks = dataset["input_ids"][: args.limit] if args.limit else dataset["input_ids"]
         report["prepared"] = blocks_perplexity(model, [list(b) for b in blocks], tokenizer)
+    write_json_atomically(report_path, report)  # after every section: a later crash keeps the finished ones
     for key in ("text", "prepared"):
         if key in report:
             r = report[key]
@@ -84,6 +101,7 @@ def main(argv=None) -> dict:
         report["calibration"] = {**calibration, "file": args.calibrate_no_answer, "stored_in": str(stored)}
         rows += [("calibration", "threshold", f"{settings.no_answer_threshold:.3f}"),
                  ("calibration", "F1 at threshold", f"{calibration['f1_at_threshold']:.2f}")]
+        write_json_atomically(report_path, report)
 
     decodings = ("free", "grounded") if args.decoding == "both" else (args.decoding,)
     for key, path in (("squad_v1.1", args.squad_file), ("squad_v2.0", args.squad_v2_file)):
@@ -93,6 +111,7 @@ def main(argv=None) -> dict:
                 args.model_name_or_path, no_answer_threshold=args.no_answer_threshold, allow_no_answer=key == "squad_v2.0")
             scores = squad_evaluation(model, tokenizer, path, args.limit, decoding, grounded)
             report[f"{key} {decoding}"] = scores
+            write_json_atomically(report_path, report)
             for name in ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "total"):
                 if name in scores:
                     rows.append((f"{key} {decoding}", name, f"{scores[name]:.2f}" if name != "total" else str(scores[name])))
@@ -112,7 +131,6 @@ def main(argv=None) -> dict:
     print(f"\n{'set':<20} {'metric':<16} {'value':>12}")
     for name, metric, value in rows:
         print(f"{name:<20} {metric:<16} {value:>12}")
-    report_path = Path(args.report) if args.report else Path(args.model_name_or_path) / "eval_report.json"
     write_json_atomically(report_path, report)
     print(f"\nreport: {report_path}")
     return report

@@ -16,9 +16,10 @@ from data.tokenizer import load_tokenizer
 from models.gpt2 import parameter_counts
 from trm import rules
 from trm.cli import run_main
+from trm.generation import from_pretrained
 from trm.recipe import parse_recipe
 from trm.training import (
-    ModelArguments, default_generation_config, refuse_foreign_output_dir, resolve_resume_checkpoint, save_final_model,
+    ModelArguments, default_generation_config, claim_output_dir, save_final_model,
     train_and_evaluate,
 )
 
@@ -39,7 +40,7 @@ def load_phase1_model(path: str | None):
         raise FileNotFoundError(
             f"model_name_or_path={path} is not a trained model directory (config.json and model.safetensors); run `make pretrain` first."
         )
-    return AutoModelForCausalLM.from_pretrained(str(folder))
+    return from_pretrained(AutoModelForCausalLM, folder)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,8 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     rules.check_epochs(PHASE, training_args.num_train_epochs)
     rules.check_device(training_args.use_cpu, training_args.bf16, training_args.fp16)
     model = load_phase1_model(model_args.model_name_or_path)
-    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    refuse_foreign_output_dir(training_args.output_dir, resume)
+    resume = claim_output_dir(training_args)
 
     tokenizer = load_tokenizer(model_max_length=data_args.max_seq_length)
     if model.config.n_positions < data_args.max_seq_length:

@@ -17,6 +17,7 @@ import re
 
 REFERENCE_MARKER = re.compile(r"\[(?:\d+|[a-z]|note \d+|citation needed|clarification needed)\]", re.IGNORECASE)
 CATEGORY_LINE = re.compile(r"^.*\bCategory:.*$", re.MULTILINE)
+CATEGORY_TAIL = re.compile(r"\bCategory:.*$", re.DOTALL)
 # The look-behind anchors each attempt at the start of a token, which keeps this linear in the text length.
 IMAGE_NAME = re.compile(r"(?<![^\s|\[\]])[^\s|\[\]]+\.(?:jpe?g|png|svg|gif|tiff?|webp)\b", re.IGNORECASE)
 TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
@@ -38,7 +39,8 @@ def clean_text(text: str) -> str:
     """Strip leftover wiki markup and return the document as a single line of prose."""
     # The substring tests skip a regex pass over documents that cannot match it.
     if "Category:" in text:
-        text = CATEGORY_LINE.sub(" ", text)
+        # A page with lines ends in a trailer line of categories; a page on one line keeps its text before them.
+        text = CATEGORY_LINE.sub(" ", text) if "\n" in text.strip() else CATEGORY_TAIL.sub(" ", text)
     text = EMPTY_SECTION_HEADING.sub(" ", text)
     if "{" in text:
         text = TEMPLATE.sub(" ", text)

@@ -18,7 +18,9 @@ import gzip
 import io
 import json
 import lzma
+import zlib
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -65,8 +67,12 @@ def open_binary(path: str | Path) -> IO[bytes]:
 
 
 def read_text(path: str | Path) -> str:
-    """A whole (possibly compressed) UTF-8 text file as one string, e.g. a passage to answer questions from."""
-    with open_binary(path) as handle:
+    """A whole UTF-8 text file (any suffix; .gz/.xz/.bz2 are decompressed) as one string, e.g. a passage."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found.")
+    opener = COMPRESSIONS.get(path.suffix.lower(), open)
+    with damaged_file_errors(path), opener(path, "rb") as handle:
         data = handle.read()
     try:
         text = data.decode("utf-8")
@@ -80,6 +86,9 @@ def read_text(path: str | Path) -> str:
 def _decoded_lines(path: Path, skipped: SkipCounter) -> Iterator[str]:
     with open_binary(path) as handle:
         for raw in handle:
+            if b"\0" in raw:  # text never holds NUL bytes; binary data often decodes as UTF-8 in places
+                skipped["lines with NUL bytes (binary data)"] += 1
+                continue
             try:
                 yield raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
@@ -127,10 +136,26 @@ def _json_lines(path: Path, skipped: SkipCounter) -> Iterator[dict]:
             skipped["JSON lines that are not objects"] += 1
 
 
+@contextmanager
+def damaged_file_errors(path: Path):
+    """A file that cannot be decoded as a whole (a truncated or corrupt archive, bytes that are not what the
+    suffix says) becomes one `DataError` naming it, raised where the damage is found."""
+    compression = path.suffix.lower() if path.suffix.lower() in (*COMPRESSIONS, ".zst") else None
+    kind = f"{compression} archive" if compression else "file"
+    try:
+        yield
+    except Exception as error:  # pyarrow and zstandard raise their own types for damaged files
+        ours = isinstance(error, (EOFError, OSError, lzma.LZMAError, zlib.error))
+        if not ours and type(error).__module__.split(".")[0] not in ("pyarrow", "zstandard", "zstd"):
+            raise
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DataError(f"{path}: not a readable {kind}, truncated or corrupt ({reason}).") from None
+
+
 def load_json_document(path: str | Path):
     """Parse a whole `.json` file (e.g. SQuAD's nested layout), with a clear error when it is not JSON."""
     path = Path(path)
-    with open_binary(path) as handle:
+    with damaged_file_errors(path), open_binary(path) as handle:
         payload = handle.read()
     try:
         return json.loads(payload.decode("utf-8"))
@@ -167,13 +192,11 @@ def read_records(path: str | Path, skipped: SkipCounter, text_sample_by: str = "
     """Yield the records of a local data file as dicts; skipped lines are counted in `skipped`."""
     path = Path(path)
     data_format, _ = split_suffix(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a data file.")
     if not path.is_file():
         raise DataError(f"{path}: file not found.")
-    if data_format == ".txt":
-        yield from _text_documents(path, text_sample_by, skipped)
-    elif data_format == ".jsonl":
-        yield from _json_lines(path, skipped)
-    elif data_format == ".json":
-        yield from _json_records(path, skipped)
-    else:
-        yield from _parquet_records(path)
+    readers = {".txt": lambda: _text_documents(path, text_sample_by, skipped), ".jsonl": lambda: _json_lines(path, skipped),
+               ".json": lambda: _json_records(path, skipped), ".parquet": lambda: _parquet_records(path)}
+    with damaged_file_errors(path):
+        yield from readers[data_format]()

@@ -2,8 +2,8 @@
 
 Design decisions:
 - Sources are the Hub through `datasets.load_dataset` (default: Simple English Wikipedia) or local
-  files read by `data.files`. Before anything else, the first records of every source go through
-  `trm.rules.check_plain_text_records`: phase 1 never sees instruction, Q&A or dialogue data.
+  files read by `data.files`. Every record goes through `trm.rules` (its fields and its text) before
+  anything else: phase 1 never sees instruction, Q&A or dialogue data, not even late in a file.
 - Cleaning, tokenising and packing are `datasets.map` calls (batched, `num_proc` workers).
 - Exact duplicates are dropped by a hash of the cleaned text; the train/validation split is made per
   document by the same hash, so it does not depend on file order and no document is in both splits.
@@ -25,7 +25,6 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,6 @@ from trm import rules
 
 logger = logging.getLogger(__name__)
 PIPELINE_VERSION = 1
-RULE_CHECK_RECORDS = 50
 
 
 @dataclass
@@ -71,10 +69,8 @@ def _load_local(paths: list[str], args: PretrainingDataArguments, skipped: SkipC
     texts: list[str] = []
     for path in paths:
         before = len(texts)
-        records = read_records(path, skipped, args.text_sample_by)
-        head = list(islice(records, RULE_CHECK_RECORDS))
-        rules.check_plain_text_records(head, str(path))
-        for record in (*head, *records):
+        for number, record in enumerate(read_records(path, skipped, args.text_sample_by), 1):
+            rules.check_plain_text_record(record, f"{path} (record {number})")
             text = record.get(args.text_column)
             if isinstance(text, str):
                 texts.append(text)
@@ -95,10 +91,17 @@ def _load_hub(args: PretrainingDataArguments) -> Dataset:
             f"could not load {args.dataset_name} ({args.dataset_config_name}) from the Hugging Face Hub ({reason}); "
             "if you are offline, pass local files with --train_file."
         ) from None
-    rules.check_plain_text_records((dataset[i] for i in range(min(RULE_CHECK_RECORDS, len(dataset)))), args.dataset_name)
+    rules.check_plain_text_record(dict.fromkeys(dataset.column_names), args.dataset_name)  # the schema of every row
     if args.text_column not in dataset.column_names:
         raise DataError(f"{args.dataset_name} has no {args.text_column!r} column (it has {dataset.column_names}).")
-    return dataset.select_columns([args.text_column]).rename_column(args.text_column, "text")
+    dataset = dataset.select_columns([args.text_column])
+    if args.text_column != "text":
+        dataset = dataset.rename_column(args.text_column, "text")
+    for start, batch in enumerate(dataset.iter(batch_size=1000)):
+        for offset, text in enumerate(batch["text"]):
+            if isinstance(text, str):
+                rules.check_plain_text(text, f"{args.dataset_name} (row {start * 1000 + offset})")
+    return dataset
 
 
 def _fingerprint(args: PretrainingDataArguments, seed: int) -> str:

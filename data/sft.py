@@ -12,9 +12,10 @@ Design decisions:
   leading exchanges; an example that cannot fit is dropped. Every such case is counted per source.
 - Validation: a hash of each example's group picks `validation_split_percentage` of groups per source,
   capped at `validation_max_examples`; at least one group per source is held out.
-- Balancing: each source's training examples are capped (`<source>_max_examples`, a seeded sample);
-  the defaults keep the 10x larger SQuAD from swamping DailyDialog and Alpaca. The final mix (examples,
-  tokens, label tokens per source) is returned for the run to print.
+- Balancing: each source's training examples are capped (`<source>_max_examples`, a seeded sample,
+  filled with examples that fit the context); the defaults keep the 10x larger SQuAD from swamping
+  DailyDialog and Alpaca. A source left with no example that fits is an error naming the reason. The
+  final mix (examples, tokens, label tokens per source) is returned for the run to print.
 """
 
 from __future__ import annotations
@@ -162,12 +163,19 @@ def prepare_sft_data(args: SftDataArguments, tokenizer, seed: int = 42) -> tuple
             raise DataError(f"{source}: no usable examples in {path} (skipped: {counts.describe()}).")
         train, validation = _split_groups(conversations, args)
         cap = getattr(args, f"{source}_max_examples")
-        if cap is not None and len(train) > cap:
-            train = rng.sample(train, cap)
-        validation = validation[: args.validation_max_examples]
+        rng.shuffle(train)
         source_report = {"records": len(conversations)}
-        for split, items in (("train", train), ("validation", validation)):
-            rows = [row for c in items if (row := encode_conversation(c, tokenizer, args.max_seq_length, counts))]
+        for split, items, limit in (("train", train, cap), ("validation", validation, args.validation_max_examples)):
+            # Encoded until the cap is reached, so examples dropped for length are replaced by others that fit.
+            rows = []
+            for conversation in items:
+                if limit is not None and len(rows) >= limit:
+                    break
+                if row := encode_conversation(conversation, tokenizer, args.max_seq_length, counts):
+                    rows.append(row)
+            if split == "train" and not rows:
+                raise DataError(f"{source}: none of its {len(items):,} training examples fits the {args.max_seq_length}-token "
+                                f"context ({counts.describe()}).")
             source_report[split] = {
                 "examples": len(rows),
                 "tokens": sum(r["length"] for r in rows),

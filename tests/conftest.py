@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import GPT2Config, GPT2LMHeadModel
 
 ROOT = Path(__file__).resolve().parent.parent
+EOS = 50256
 SAMPLES = ROOT / "data" / "samples"
 
 TINY_CONFIG = {
@@ -55,3 +58,28 @@ def wiki_jsonl(tmp_path) -> Path:
 def write_recipe(path: Path, sections: dict) -> Path:
     path.write_text(yaml.safe_dump(sections))
     return path
+
+
+def model_preferring(token_id: int, strength: float) -> GPT2LMHeadModel:
+    """A tiny GPT-2 whose every next-token distribution peaks at `token_id` (via the tied embedding)."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**TINY_CONFIG)).eval()
+    with torch.no_grad():
+        direction = torch.randn(TINY_CONFIG["n_embd"])
+        direction /= direction.norm()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(direction)
+        model.transformer.wte.weight[token_id] = direction * strength
+    return model
+
+
+@pytest.fixture()
+def model_dir(tmp_path, tokenizer):
+    """A saved model directory whose every reply is the end token at once."""
+    from trm.training import default_generation_config
+
+    model = model_preferring(EOS, strength=50.0)
+    model.generation_config = default_generation_config(tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"

@@ -85,3 +85,8 @@ def test_cleaning_removes_wiki_leftovers():
         "W.O. Broyle H.J. Carwile"
     )
     assert "\n" not in clean_text("line one\nline two\n\nline three") and clean_text("NASA is big") == "NASA is big"
+
+
+def test_cleaning_keeps_the_text_of_a_page_written_on_one_line():
+    one_line = "Paris is the capital of France. It has many museums. See also Category:Capitals in Europe."
+    assert clean_text(one_line) == "Paris is the capital of France. It has many museums. See also"

@@ -6,49 +6,24 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import run_chat
 import run_eval
 from data.files import DataError
+from data.prompt_format import NO_ANSWER_REPLY
 from trm.evaluation import blocks_perplexity, token_byte_lengths
 from trm.generation import SamplingSettings, fit_history, generate_reply
-from trm.training import default_generation_config
 
-from conftest import TINY_CONFIG
-
-EOS = 50256
-
-
-def _model_preferring(token_id: int, strength: float) -> GPT2LMHeadModel:
-    """A tiny GPT-2 whose every next-token distribution peaks at `token_id` (via the tied embedding)."""
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(**TINY_CONFIG)).eval()
-    with torch.no_grad():
-        direction = torch.randn(TINY_CONFIG["n_embd"])
-        direction /= direction.norm()
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.copy_(direction)
-        model.transformer.wte.weight[token_id] = direction * strength
-    return model
-
-
-@pytest.fixture()
-def model_dir(tmp_path, tokenizer):
-    model = _model_preferring(EOS, strength=50.0)
-    model.generation_config = default_generation_config(tokenizer)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    return tmp_path / "model"
+from conftest import EOS, model_preferring
 
 
 def test_generation_stops_at_the_end_token(tokenizer):
-    model = _model_preferring(EOS, strength=50.0)
+    model = model_preferring(EOS, strength=50.0)
     reply, ended = generate_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], SamplingSettings(max_new_tokens=20, greedy=True))
     assert ended and reply == ""
     word = tokenizer(" yes")["input_ids"][0]
-    model = _model_preferring(word, strength=50.0)
-    reply, ended = generate_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], SamplingSettings(max_new_tokens=5, greedy=True, repetition_penalty=1.0))
+    model = model_preferring(word, strength=50.0)
+    reply, ended = generate_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], SamplingSettings(max_new_tokens=5, greedy=True, repetition_penalty=1.0, no_repeat_ngram_size=0))
     assert not ended and reply == "yes yes yes yes yes"
 
 
@@ -70,7 +45,7 @@ def test_scripted_chat_reads_turns_resets_and_exits(model_dir, monkeypatch, caps
 
 
 def test_bits_per_byte_and_perplexity_are_consistent(tokenizer):
-    model = _model_preferring(EOS, strength=1.0)
+    model = model_preferring(EOS, strength=1.0)
     blocks = [tokenizer("The river flows through the old town and past the mill.")["input_ids"]]
     result = blocks_perplexity(model, blocks, tokenizer)
     ids = torch.tensor(blocks)
@@ -117,7 +92,11 @@ def test_run_eval_writes_a_report(model_dir, tmp_path):
     saved = json.loads((model_dir / "eval_report.json").read_text())
     assert saved["text"]["tokens"] > 0 and saved["text"]["perplexity"] == pytest.approx(report["text"]["perplexity"])
     # The model ends every reply at once: empty answers are right only for the unanswerable question.
-    assert saved["squad_v2.0"]["HasAns_exact"] == 0.0 and saved["squad_v2.0"]["NoAns_exact"] == 100.0
+    assert saved["squad_v2.0 free"]["HasAns_exact"] == 0.0 and saved["squad_v2.0 free"]["NoAns_exact"] == 100.0
+    # Grounded decoding scores replies instead: a short span ending at once beats the long no-answer reply.
+    grounded = saved["squad_v2.0 grounded"]
+    assert grounded["decoding"] == "grounded" and grounded["total"] == 2
+    assert all(e["reply"] in "Rollo led the Normans." for e in grounded["examples"])
     assert saved["instructions"]["ended_by_itself"] == 1.0 and saved["instructions"]["in_format"] == 0.0
 
 
@@ -126,3 +105,78 @@ def test_run_eval_refuses_an_empty_instructions_file(model_dir, tmp_path):
     empty.write_text("\n  \n")
     with pytest.raises(DataError, match="holds no instructions"):
         run_eval.main([str(model_dir), "--instructions_file", str(empty)])
+
+
+def test_calibration_stores_a_threshold_that_grounded_evaluation_then_uses(model_dir, tmp_path):
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": "Rollo led the Normans.", "qas": [
+        {"id": "1", "question": "Who led the Normans?", "answers": [{"text": "Rollo", "answer_start": 0}]},
+        {"id": "2", "question": "Who led the Danes?", "answers": [], "is_impossible": True},
+        {"id": "3", "question": "Who led the Franks?", "answers": [], "is_impossible": True}]}]}]}))
+    report = run_eval.main([str(model_dir), "--calibrate_no_answer", str(squad), "--squad_v2_file", str(squad), "--decoding", "grounded"])
+    stored = json.loads((model_dir / "grounding.json").read_text())
+    assert stored["no_answer_threshold"] == pytest.approx(report["calibration"]["no_answer_threshold"])
+    # The evaluation that follows uses the stored threshold and reaches the F1 calibration promised.
+    assert report["squad_v2.0 grounded"]["f1"] == pytest.approx(report["calibration"]["f1_at_threshold"])
+    assert "squad_v2.0 free" not in report
+    with pytest.raises(DataError, match="answerable and unanswerable"):
+        run_eval.main([str(model_dir), "--calibrate_no_answer", str(squad), "--limit", "1"])
+
+
+def test_chat_answers_from_a_passage_and_from_the_index(model_dir, tmp_path, monkeypatch, capsys):
+    import run_index
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The Rhine ends in the North Sea.\n\nOxygen was discovered in 1771.\n")
+    run_index.main(["--corpus", str(corpus), "--index", str(tmp_path / "index.sqlite")])
+    passage = "Rollo led the Normans into Francia."
+    monkeypatch.setattr("sys.stdin", io.StringIO(
+        f"/passage {passage}\nWho led the Normans?\n/passage\nHello\n/ask When was oxygen discovered?\n/exit\n"))
+    capsys.readouterr()
+    run_chat.main([str(model_dir), "--max_new_tokens", "8", "--temperature", "0", "--index", str(tmp_path / "index.sqlite")])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("assistant>")]
+    grounded_answer = lines[0].removeprefix("assistant> ")
+    assert grounded_answer in passage or grounded_answer == NO_ANSWER_REPLY
+    assert lines[1] == "assistant>"  # free chat again: this model ends every reply at once
+    assert len(lines) == 3 and "  source: [corpus] Oxygen was discovered in 1771." in out.splitlines()
+
+
+def test_copying_probe_separates_a_model_that_copies_from_one_that_cannot():
+    from trm.evaluation import copying_loss
+
+    untrained = model_preferring(EOS, strength=0.0)
+    untrained.train()
+    losses = copying_loss(untrained, half=16, rows=4)
+    assert untrained.training  # the probe leaves the model's mode as it found it
+    assert abs(losses["copy_loss"] - losses["random_loss"]) < 0.5  # no copying: both copies equally unknown
+
+    class Copier(torch.nn.Module):
+        """Predicts the token that followed the previous occurrence of the current token (an induction head)."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.config, self.lm_head, self.device, self.training = inner.config, inner.lm_head, torch.device("cpu"), False
+            self.inner = inner
+
+        def transformer(self, input_ids, attention_mask=None):
+            wanted = torch.full_like(input_ids, EOS)
+            for row in range(input_ids.shape[0]):
+                last_seen = {}
+                for t in range(input_ids.shape[1]):
+                    token = int(input_ids[row, t])
+                    if token in last_seen:
+                        wanted[row, t] = input_ids[row, last_seen[token] + 1]
+                    last_seen[token] = t
+            hidden = 1e4 * torch.nn.functional.normalize(self.lm_head.weight[wanted], dim=-1)
+            return type("Output", (), {"last_hidden_state": hidden})()
+
+        def eval(self):
+            return self
+
+        def train(self, mode=True):
+            return self
+
+    copier = Copier(model_preferring(EOS, strength=0.0))
+    losses = copying_loss(copier, half=16, rows=4)
+    assert losses["copy_loss"] < losses["random_loss"] - 3.0

@@ -130,3 +130,15 @@ def test_settings_are_stored_beside_the_model(tmp_path):
     with pytest.raises(DataError, match="not valid JSON"):
         GroundedSettings.for_model(tmp_path)
     assert json.loads(GroundedSettings().save(tmp_path).read_text())["no_answer_threshold"] == 0.0
+
+
+def test_calibration_can_require_a_share_of_abstentions():
+    margins = [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]
+    has_answer = [True, False, True, False, True, False]
+    span_f1 = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    # Abstaining on at least 2 of the 3 unanswerable questions: best is the threshold 1.0 (abstain on
+    # margins <= 1), which still answers the answerable question at margin 2: HasAns F1 1/3.
+    threshold, has_answer_f1 = calibrate_no_answer_threshold(margins, span_f1, has_answer, min_no_answer=0.66)
+    assert threshold == 1.0 and has_answer_f1 == pytest.approx(100 / 3)
+    threshold, has_answer_f1 = calibrate_no_answer_threshold(margins, span_f1, has_answer, min_no_answer=1.0)
+    assert threshold == 3.0 and has_answer_f1 == 0.0

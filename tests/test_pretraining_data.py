@@ -80,3 +80,43 @@ def test_offline_hub_source_is_one_clear_error(tmp_path, monkeypatch):
                                     data_cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match="could not load wikimedia/wikipedia.*--train_file"):
         prepare_pretraining_data(args)
+
+
+def test_instruction_records_late_in_a_file_are_refused(tmp_path, wiki_jsonl):
+    with open(wiki_jsonl, "a") as handle:
+        for i in range(50):  # the Hub's alpaca carries a `text` field besides instruction/output
+            handle.write(json.dumps({"instruction": f"Task {i}", "input": "", "output": "Done.",
+                                     "text": f"### Instruction:\nTask {i}\n\n### Response:\nDone."}) + "\n")
+    with pytest.raises(RuleViolation, match=r"record 30\d.*plain text only"):
+        prepare_pretraining_data(_args(tmp_path, [wiki_jsonl]))
+    text_only = tmp_path / "text_only.jsonl"
+    text_only.write_text(wiki_jsonl.read_text().split("\n", 1)[0] + "\n" +
+                         json.dumps({"text": "### Instruction:\nSay hi.\n\n### Response:\nHi!"}) + "\n")
+    with pytest.raises(RuleViolation, match="Alpaca-formatted"):
+        prepare_pretraining_data(_args(tmp_path, [text_only]))
+
+
+def test_the_hub_source_reads_the_wikipedia_layout(tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    import data.pretraining as pretraining
+
+    pages = [{"id": str(i), "url": f"https://simple.wikipedia.org/wiki/{i}", "title": f"Page {i}",
+              "text": f"Page {i} is an article about the number {i}. It is a page of plain running text."} for i in range(80)]
+    requested = {}
+
+    def fake_load_dataset(name, config, split):
+        requested.update(name=name, config=config, split=split)
+        return Dataset.from_list(pages)
+
+    monkeypatch.setattr(pretraining, "load_dataset", fake_load_dataset)
+    args = PretrainingDataArguments(dataset_name="wikimedia/wikipedia", dataset_config_name="20231101.simple",
+                                    data_cache_dir=str(tmp_path / "cache"), block_size=32, min_document_chars=20,
+                                    validation_split_percentage=10.0, preprocessing_num_workers=1)
+    data, stats = prepare_pretraining_data(args)
+    assert requested == {"name": "wikimedia/wikipedia", "config": "20231101.simple", "split": "train"}
+    assert stats["documents_kept"] == 80 and len(data["train"]) > 0
+    pages.append({"id": "x", "url": "u", "title": "t", "text": "A __eou__ B __eou__ C __eou__"})
+    args.overwrite_cache = True
+    with pytest.raises(RuleViolation, match=r"row 80.*DailyDialog"):
+        prepare_pretraining_data(args)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from data.files import SkipCounter
+from data.files import DataError, SkipCounter
 from data.instruction_sources import detokenize_dialogue, load_source
 from data.prompt_format import CHAT_TEMPLATE, NO_ANSWER_REPLY, render
 from data.sft import IGNORE_INDEX, SftDataArguments, encode_conversation, encode_messages, prepare_sft_data
@@ -134,3 +134,16 @@ def test_a_passage_shared_by_squad_versions_lands_in_one_split(tmp_path):
     v1, _ = _load("squad", _squad_file(tmp_path / "v1.json", "1.1"))
     v2, _ = _load("squad_v2", _squad_file(tmp_path / "v2.json", "v2.0"))
     assert {c.group for c in v1} == {c.group for c in v2}
+
+
+def test_a_cap_is_filled_with_examples_that_fit_and_a_source_with_none_is_an_error(tmp_path, tokenizer):
+    alpaca = tmp_path / "alpaca.json"
+    long_reply = "word " * 400  # can never fit the context
+    records = [{"instruction": f"Task {i}.", "input": "", "output": long_reply if i % 2 else f"Done {i}."} for i in range(200)]
+    alpaca.write_text(json.dumps(records))
+    args = SftDataArguments(alpaca_file=str(alpaca), alpaca_max_examples=40, validation_split_percentage=10.0)
+    _, report = prepare_sft_data(args, tokenizer)
+    assert report["alpaca"]["train"]["examples"] == 40  # half the records are too long: others took their place
+    alpaca.write_text(json.dumps([{**r, "output": long_reply} for r in records]))
+    with pytest.raises(DataError, match="alpaca: none of its .* training examples fits the 256-token context"):
+        prepare_sft_data(args, tokenizer)

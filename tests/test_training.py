@@ -60,17 +60,30 @@ def test_phase1_learns_saves_and_reloads(phase1_model):
     assert abs(loss - metrics["eval_loss"]) < 3.0
 
 
-def test_resume_continues_from_the_saved_step(phase1_model):
+def test_resume_continues_from_the_saved_step(phase1_model, caplog):
     output_dir, _, recipe = phase1_model
     with pytest.raises(FileExistsError, match="--resume"):
         run_clm.main([str(recipe)])
-    metrics = run_clm.main([str(recipe), "--resume", "--max_steps", "60"])
+    # A save cut short by kill -9 leaves a newer folder holding some files: resume skips it.
+    partial = output_dir / "checkpoint-50"
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    (partial / "trainer_state.json").write_text('{"global_step": 5')
+    with pytest.raises(FileNotFoundError, match="cannot be resumed from"):
+        run_clm.main([str(recipe), "--resume_from_checkpoint", str(partial)])
+    (output_dir / ".tmp-final-99999").mkdir()  # a final save killed midway
+    metrics = run_clm.main([str(recipe), "--resume", "--max_steps", "60", "--learning_rate", "5e-3"])
+    assert not (output_dir / ".tmp-final-99999").exists()
+    assert "checkpoint-50 (missing model.safetensors" in caplog.text
+    assert "not applied: learning_rate 0.01 -> 0.005" in caplog.text  # the checkpoint's schedule goes on
     state = json.loads((output_dir / "checkpoint-60" / "trainer_state.json").read_text())
     steps = [record["step"] for record in state["log_history"] if "loss" in record]
     # The resumed run carries on the first run's log from step 40: every step logged once, none repeated.
     assert state["global_step"] == 60
     assert steps == list(range(5, 65, 5))
     assert metrics["epoch"] > 0
+    with pytest.raises(FileExistsError, match="end of a finished run"):
+        run_clm.main([str(recipe), "--resume", "--max_steps", "60"])
 
 
 def test_phase1_refuses_too_many_epochs_and_pretrained_weights(tmp_path, wiki_jsonl, tiny_config_path):
@@ -163,3 +176,49 @@ def test_large_freed_buffers_stay_in_the_heap_for_reuse():
     assert (name, kept) == ("[heap]", "True")  # served from the heap, and still there after it was freed
     _, default_name, default_kept = run("default")
     assert (default_name, default_kept) == ("anonymous", "False")  # glibc's default: its own mapping, unmapped on free
+
+
+def test_sigterm_saves_and_stops_like_ctrl_c_and_a_second_signal_stops_at_once(capsys):
+    import os
+    import signal
+
+    from transformers import TrainerControl
+
+    from trm.training import GracefulInterruptCallback
+
+    before = signal.getsignal(signal.SIGTERM)
+    callback = GracefulInterruptCallback()
+    callback.on_train_begin(None, None, None)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        control = TrainerControl()
+        callback.on_step_end(None, None, control)
+        assert control.should_save and control.should_training_stop
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stopped.value.code == 128 + signal.SIGINT
+        assert "SIGINT again: stopped without saving" in capsys.readouterr().err
+    finally:
+        callback.on_train_end(None, None, None)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_bad_numbers_and_a_busy_output_dir_are_refused_before_any_work(tmp_path, wiki_jsonl, tiny_config_path):
+    import fcntl
+
+    from trm.recipe import RecipeError
+
+    recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path)
+    for flag, value, message in (("--learning_rate", "-1e-3", "learning_rate must not be negative"),
+                                 ("--per_device_train_batch_size", "0", "per_device_train_batch_size must be at least 1"),
+                                 ("--load_best_model_at_end", "true", "eval_strategy no leaves nothing")):
+        extra = ["--eval_strategy", "no", "--save_strategy", "no"] if flag == "--load_best_model_at_end" else []
+        with pytest.raises(RecipeError, match=message):
+            run_clm.main([str(recipe), f"{flag}={value}", *extra])
+    assert not (tmp_path / "cache").exists()  # refused before data preparation
+    output_dir = tmp_path / "phase1"
+    output_dir.mkdir()
+    with open(output_dir / ".lock", "w") as other_run:
+        fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FileExistsError, match="another run is writing"):
+            run_clm.main([str(recipe)])

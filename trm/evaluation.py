@@ -1,6 +1,8 @@
 """Evaluation of a model directory: perplexity and bits per byte, SQuAD EM/F1, instruction following.
 
 Design decisions:
+- Copying (`copying_loss`): loss on the second copy of a repeated random token sequence, the usual
+  probe for induction heads; reported for every model directory and at every phase-1 evaluation.
 - Perplexity text goes through the phase-1 cleaning and packing, so numbers on a raw file are
   comparable with the validation loss of training. Blocks do not overlap; the first token of each
   block is context only. Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the
@@ -12,7 +14,8 @@ Design decisions:
 - SQuAD is scored with free greedy generation or with grounded decoding (`trm.grounded`); the no-answer
   threshold of grounded decoding is calibrated on a SQuAD v2.0 file by `calibrate_no_answer`.
 - Instruction following: each fixed instruction is answered greedily; a reply "in format" is non-empty,
-  ends with `<|endoftext|>` by itself and does not start another turn.
+  ends with `<|endoftext|>` by itself and does not start another turn. Prompt plus reply never exceed
+  the context: an instruction too long for it is counted in the report instead of crashing the run.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ import numpy as np
 import torch
 
 from data.cleaning import clean_text
-from data.files import SkipCounter, load_json_document, read_records
+from data.files import DataError, SkipCounter, load_json_document, read_records
 from data.instruction_sources import squad_rows_from_official
 from data.prompt_format import ASSISTANT_PREFIX, NO_ANSWER_REPLY, USER_PREFIX, reading_comprehension_message
 from data.sft import fit_passage
 from models.gpt2 import chunked_lm_loss
-from trm.generation import SamplingSettings, generate_reply
+from trm.generation import SamplingSettings, fit_history, generate_reply
 from trm.grounded import (
     GroundedAnswer, GroundedSettings, answer_from_passages, calibrate_no_answer_threshold,
 )
@@ -62,6 +65,30 @@ def blocks_perplexity(model, blocks: list[list[int]], tokenizer) -> dict:
         "tokens": total_tokens, "bytes": total_bytes, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
         "bits_per_byte": total_nll / math.log(2) / max(total_bytes, 1),
     }
+
+
+@torch.no_grad()
+def copying_loss(model, half: int = 64, rows: int = 8, seed: int = 0, token_range: tuple[int, int] = (256, 10_000)) -> dict:
+    """Can the model copy from its context? Random token sequences, each followed by itself again.
+
+    The first copy is unpredictable (loss near ln(vocabulary) for any model); the second is predictable only
+    by copying from the first, which induction heads do. Their appearance during pretraining shows as
+    `copy_loss` falling far below `random_loss`; extractive answering (SQuAD) needs it. Tokens are drawn
+    from GPT-2 ids 256-9,999: ids follow BPE merge order, so these are common pieces whose embeddings a
+    small model has trained (copying ids it never saw says little).
+    """
+    half = min(half, int(model.config.n_positions) // 2)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(*token_range, (rows, half), generator=generator)
+    ids = torch.cat([tokens, tokens], dim=1).to(model.device)
+    first, second = ids.clone(), ids.clone()
+    first[:, half:] = -100
+    second[:, : half + 1] = -100  # the first token of the second copy cannot be known to repeat yet
+    was_training = model.training
+    model.eval()
+    losses = {"random_loss": float(chunked_lm_loss(model, ids, first)), "copy_loss": float(chunked_lm_loss(model, ids, second))}
+    model.train(was_training)
+    return losses
 
 
 def text_blocks(paths: list[str], tokenizer, block_size: int, limit: int | None) -> tuple[list[list[int]], dict]:
@@ -155,15 +182,22 @@ def calibrate_no_answer(model, tokenizer, path: str, limit: int | None, settings
 
 
 def instruction_evaluation(model, tokenizer, instructions: list[str], max_new_tokens: int = 128) -> dict:
+    """Greedy replies to instructions; one too long for the context with room for the reply is counted, not run."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True)
-    answers = []
+    max_prompt_tokens = int(model.config.n_positions) - max_new_tokens
+    answers, too_long = [], 0
     for instruction in instructions:
-        reply, ended = generate_reply(model, tokenizer, [{"role": "user", "content": instruction}], settings)
+        messages = fit_history([{"role": "user", "content": instruction}], tokenizer, max_prompt_tokens)
+        if messages is None:
+            too_long += 1
+            continue
+        reply, ended = generate_reply(model, tokenizer, messages, settings)
         in_format = ended and bool(reply) and USER_PREFIX.strip() not in reply and ASSISTANT_PREFIX not in reply
         answers.append({"instruction": instruction, "reply": reply, "ended_by_itself": ended, "in_format": in_format})
     count = max(len(answers), 1)
     return {
         "instructions": len(answers),
+        "too_long_for_the_context": too_long,
         "ended_by_itself": sum(a["ended_by_itself"] for a in answers) / count,
         "in_format": sum(a["in_format"] for a in answers) / count,
         "answers": answers,

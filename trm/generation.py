@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from data.files import DataError
 from data.prompt_format import generation_prompt
 
 
@@ -40,13 +41,22 @@ class SamplingSettings:
         return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, **common}
 
 
+def from_pretrained(loader, folder: Path):
+    """`loader.from_pretrained(folder)`, with a damaged directory (truncated weights, invalid JSON) in one sentence."""
+    try:
+        return loader.from_pretrained(str(folder))
+    except Exception as error:  # damage surfaces as OSError, ValueError, safetensors' own error, ...
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DataError(f"{folder} is not a readable model directory ({reason}); train or copy it again.") from None
+
+
 def load_model(path: str | Path):
     """A TRM model directory (or any GPT-2 directory) and its tokenizer, loaded offline for inference."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model directory (no config.json); train one with make pretrain / make sft.")
-    model = AutoModelForCausalLM.from_pretrained(str(folder))
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = from_pretrained(AutoModelForCausalLM, folder)
+    tokenizer = from_pretrained(AutoTokenizer, folder)
     model.eval()
     return model, tokenizer
 

@@ -39,14 +39,19 @@ class GroundedSettings:
     max_answer_tokens: int = 16
     start_candidates: int = 24
     length_penalty: float = 0.0
+    prior_weight: float = 0.0
     no_answer_threshold: float = 0.0
     allow_no_answer: bool = True
 
     def save(self, model_dir: str | Path) -> Path:
         path = Path(model_dir) / GROUNDING_FILE
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+            tmp.replace(path)
+        except OSError as error:
+            raise DataError(f"cannot store the grounding settings in {path} ({error.strerror}); "
+                            "copy the model directory somewhere writable first.") from None
         return path
 
     @classmethod
@@ -94,6 +99,32 @@ def _word_boundaries(tokens: list[str]) -> tuple[list[bool], list[bool]]:
     return starts, ends
 
 
+def _first_reply_token(model, prompt_ids: list[int]):
+    """One forward pass over the prompt: the first reply token's log-probabilities and the filled KV cache."""
+    output = model(torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
+    return torch.log_softmax(output.logits[0, -1].float(), dim=-1), output.cache
+
+
+def _ended_reply_scores(model, first, cache, prompt_length: int, rows: list[list[int]], eos: int) -> list[list[float]]:
+    """For each row of reply tokens and each k: log P(row[:k+1] + <|endoftext|> | prompt), in one batched pass."""
+    width = max(len(row) for row in rows)
+    batch = torch.full((len(rows), width), eos, dtype=torch.long)
+    for r, row in enumerate(rows):
+        batch[r, : len(row)] = torch.tensor(row)
+    cache.batch_repeat_interleave(len(rows))
+    attention_mask = torch.ones(len(rows), prompt_length + width, dtype=torch.long)  # padding only trails the rows
+    logprobs = torch.log_softmax(model(batch, attention_mask=attention_mask, cache=cache, use_cache=True).logits.float(), dim=-1)
+    scores = []
+    for r, row in enumerate(rows):
+        cumulative, ended = float(first[row[0]]), []
+        for k in range(len(row)):
+            if k > 0:
+                cumulative += float(logprobs[r, k - 1, row[k]])
+            ended.append(cumulative + float(logprobs[r, k, eos]))
+        scores.append(ended)
+    return scores
+
+
 @torch.no_grad()
 def answer_from_passage(model, tokenizer, passage: str, question: str, settings: GroundedSettings) -> GroundedAnswer:
     """The best-scoring passage span for the question (or the no-answer reply); the prompt must fit the context."""
@@ -107,45 +138,30 @@ def answer_from_passage(model, tokenizer, passage: str, question: str, settings:
     positions = [i for i, (s, e) in enumerate(encoding["offset_mapping"]) if e > passage_start and s < passage_end]
     passage_ids = [prompt_ids[i] for i in positions]
     passage_offsets = [encoding["offset_mapping"][i] for i in positions]
-    tokens = tokenizer.convert_ids_to_tokens(passage_ids)
-    can_start, can_end = _word_boundaries(tokens)
-
-    output = model(torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(output.logits[0, -1].float(), dim=-1)
-    cache = output.cache
+    can_start, can_end = _word_boundaries(tokenizer.convert_ids_to_tokens(passage_ids))
     eos = tokenizer.eos_token_id
 
-    starts = [i for i, ok in enumerate(can_start) if ok]
-    starts.sort(key=lambda i: float(first[passage_ids[i]]), reverse=True)
+    first, cache = _first_reply_token(model, prompt_ids)
+    starts = sorted((i for i, ok in enumerate(can_start) if ok), key=lambda i: float(first[passage_ids[i]]), reverse=True)
     starts = starts[: settings.start_candidates]
-    no_answer_ids = tokenizer(" " + NO_ANSWER_REPLY, add_special_tokens=False)["input_ids"] + [eos]
+    no_answer_ids = tokenizer(" " + NO_ANSWER_REPLY, add_special_tokens=False)["input_ids"]
+    rows = [passage_ids[i:i + settings.max_answer_tokens] for i in starts] + [no_answer_ids]
+    scores = _ended_reply_scores(model, first, cache, len(prompt_ids), rows, eos)
+    if settings.prior_weight:
+        # How likely each reply is after the passage alone: subtracting it removes the model's preference for
+        # replies it likes whatever the question (surface-form competition), leaving what the question adds.
+        prior_prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, "")}])
+        prior_ids = tokenizer(prior_prompt, add_special_tokens=False)["input_ids"]
+        prior_first, prior_cache = _first_reply_token(model, prior_ids)
+        prior = _ended_reply_scores(model, prior_first, prior_cache, len(prior_ids), rows, eos)
+        scores = [[q - settings.prior_weight * p for q, p in zip(row_q, row_p)] for row_q, row_p in zip(scores, prior)]
 
-    width = max(settings.max_answer_tokens, len(no_answer_ids) - 1)
-    rows = [passage_ids[i:i + settings.max_answer_tokens] for i in starts] + [no_answer_ids[:-1]]
-    batch = torch.full((len(rows), width), eos, dtype=torch.long)
-    for r, row in enumerate(rows):
-        batch[r, : len(row)] = torch.tensor(row)
-    cache.batch_repeat_interleave(len(rows))
-    attention_mask = torch.ones(len(rows), len(prompt_ids) + width, dtype=torch.long)  # padding only trails the rows
-    logits = model(batch, attention_mask=attention_mask, cache=cache, use_cache=True).logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-
-    no_answer_score = float(first[no_answer_ids[0]]) + float(
-        logprobs[-1, torch.arange(len(no_answer_ids) - 1), torch.tensor(no_answer_ids[1:])].sum())
-    candidates = []  # (score, first token, last token)
-    for r, i in enumerate(starts):
-        row = rows[r]
-        cumulative = float(first[row[0]])
-        for k in range(len(row)):
-            if k > 0:
-                cumulative += float(logprobs[r, k - 1, row[k]])
-            if can_end[i + k]:
-                total = cumulative + float(logprobs[r, k, eos])
-                candidates.append((total / (k + 2) ** settings.length_penalty, i, i + k))
+    no_answer_score = scores[-1][-1] / (len(no_answer_ids) + 1) ** settings.length_penalty
+    candidates = [(score / (k + 2) ** settings.length_penalty, i, i + k)
+                  for i, row_scores in zip(starts, scores) for k, score in enumerate(row_scores) if can_end[i + k]]
     if not candidates:
         return GroundedAnswer(NO_ANSWER_REPLY, False, "", -math.inf, no_answer_score, -1)
     best_score, first_token, last_token = max(candidates)
-    no_answer_score /= len(no_answer_ids) ** settings.length_penalty
     char_start = max(passage_offsets[first_token][0], passage_start)
     span = prompt[char_start:passage_offsets[last_token][1]].strip()
     answered = not settings.allow_no_answer or best_score - no_answer_score > settings.no_answer_threshold
@@ -178,19 +194,38 @@ def answer_from_passages(model, tokenizer, passages: list[str], question: str,
     return best
 
 
-def calibrate_no_answer_threshold(margins: list[float], span_f1: list[float], has_answer: list[bool]) -> tuple[float, float]:
+def calibrate_no_answer_threshold(margins: list[float], span_f1: list[float], has_answer: list[bool],
+                                  min_no_answer: float | None = None) -> tuple[float, float]:
     """The threshold on margin (span score - no-answer score) that maximises mean F1, as SQuAD 2.0 tunes it.
 
     A question is answered when its margin exceeds the threshold; it then scores its span's F1, else 1 if
-    it had no answer and 0 if it had one. Returns the threshold and the F1 (0-100) it reaches.
+    it had no answer and 0 if it had one. Returns the threshold and the F1 (0-100) it reaches. With
+    `min_no_answer` (e.g. 0.7), the threshold instead maximises the F1 on answerable questions among those
+    that abstain on at least that share of the unanswerable ones.
     """
     order = sorted(range(len(margins)), key=lambda i: margins[i])
+    answerable = sum(has_answer)
+    unanswerable = len(margins) - answerable
+
+    def objective(answered_f1: float, abstained_unanswerable: int) -> float:
+        if min_no_answer is None:
+            return answered_f1 + abstained_unanswerable
+        if abstained_unanswerable < min_no_answer * unanswerable:
+            return -math.inf
+        return answered_f1
+
     # Threshold below every margin: everything answered.
-    score = sum(span_f1[i] if has_answer[i] else 0.0 for i in order)
-    best_score, best_threshold = score, (margins[order[0]] - 1.0 if order else 0.0)
+    answered_f1 = sum(span_f1[i] for i in order if has_answer[i])
+    abstained = 0
+    best_score, best_threshold = objective(answered_f1, abstained), (margins[order[0]] - 1.0 if order else 0.0)
     for position, i in enumerate(order):  # raise the threshold to margin i: question i now abstains
-        score += (0.0 if has_answer[i] else 1.0) - (span_f1[i] if has_answer[i] else 0.0)
+        if has_answer[i]:
+            answered_f1 -= span_f1[i]
+        else:
+            abstained += 1
         tied_with_next = position + 1 < len(order) and margins[order[position + 1]] == margins[i]
+        score = objective(answered_f1, abstained)
         if score > best_score and not tied_with_next:
             best_score, best_threshold = score, margins[i]
-    return best_threshold, 100.0 * best_score / max(len(margins), 1)
+    total = len(margins) if min_no_answer is None else answerable
+    return best_threshold, 100.0 * best_score / max(total, 1)

@@ -10,7 +10,10 @@ from pathlib import Path
 
 from trm.cli import run_main
 
-LOCAL_ONLY = ["checkpoint-*", "checkpoint-*/**", "runs/**", ".tmp-*", "**/*.tmp", "log.csv"]
+LOCAL_ONLY = [
+    "checkpoint-*", "checkpoint-*/**", "runs/**", ".tmp-*", "*.tmp", "**/*.tmp", "log.csv", ".lock", "run_settings.json",
+    "optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin",  # pickled training state: never published
+]
 
 
 def main(argv=None) -> None:

@@ -2,10 +2,12 @@
 
 Design decisions:
 - One SQLite file. `passages` holds each passage once (UNIQUE digest of its text), with its page title
-  and source file; `passage_search` is an FTS5 index over title and text kept in step by triggers
-  (FTS5's external-content pattern); `sources` records each indexed file with its size and mtime.
-- Incremental: a file whose size and mtime match its `sources` row is skipped; a changed file's old
-  passages are deleted first. Passages already present (from any file) are not added again.
+  and the first file it came from; `passage_sources` links it to every file that holds it;
+  `passage_search` is an FTS5 index over title and text kept in step by triggers (FTS5's
+  external-content pattern); `sources` records each indexed file with its size and mtime.
+- Incremental: a file whose size and mtime match its `sources` row is skipped; a changed file loses its
+  links first, and passages no other file holds are deleted. A passage already present (from any file)
+  is linked, not added again.
 - Crash-safe: SQLite commits are atomic. Passages are committed in batches and the file's `sources` row
   last, so an interrupted build leaves a usable index; the next build reads the unfinished file again
   and its committed passages are recognised by their digest.
@@ -44,7 +46,9 @@ STOPWORDS = frozenset(
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS passages (
     id INTEGER PRIMARY KEY, digest TEXT UNIQUE NOT NULL, source TEXT NOT NULL, title TEXT NOT NULL, text TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS passages_by_source ON passages(source);
+CREATE TABLE IF NOT EXISTS passage_sources (
+    source TEXT NOT NULL, passage_id INTEGER NOT NULL, PRIMARY KEY (source, passage_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS passage_sources_by_passage ON passage_sources(passage_id);
 CREATE VIRTUAL TABLE IF NOT EXISTS passage_search USING fts5(
     title, text, content='passages', content_rowid='id', tokenize='porter unicode61');
 CREATE TRIGGER IF NOT EXISTS passages_added AFTER INSERT ON passages BEGIN
@@ -72,6 +76,10 @@ def require_fts5() -> None:
     except sqlite3.OperationalError:
         raise DataError(f"this Python's sqlite3 (SQLite {sqlite3.sqlite_version}) has no FTS5 full-text search; "
                         "use a Python built with FTS5 (python.org and most Linux builds are).") from None
+
+
+def passage_digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def query_terms(question: str) -> list[str]:
@@ -102,18 +110,26 @@ class PassageIndex:
         return self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
 
     def add_passages(self, passages: Iterable[tuple[str, str]], source: str) -> tuple[int, int]:
-        """Add (title, text) passages from `source`; returns (added, duplicates). Commits in batches."""
+        """Add (title, text) passages from `source`; returns (added, already indexed). Commits in batches."""
         added = duplicates = 0
         for number, (title, text) in enumerate(passages, 1):
-            digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+            digest = passage_digest(text)
             cursor = self.db.execute(
                 "INSERT OR IGNORE INTO passages(digest, source, title, text) VALUES (?, ?, ?, ?)", (digest, source, title, text))
-            added += cursor.rowcount
-            duplicates += 1 - cursor.rowcount
+            if cursor.rowcount:
+                added, passage_id = added + 1, cursor.lastrowid
+            else:
+                duplicates += 1
+                passage_id = self.db.execute("SELECT id FROM passages WHERE digest = ?", (digest,)).fetchone()[0]
+            self.db.execute("INSERT OR IGNORE INTO passage_sources VALUES (?, ?)", (source, passage_id))
             if number % COMMIT_EVERY == 0:
                 self.db.commit()
         self.db.commit()
         return added, duplicates
+
+    def _forget_source(self, source: str) -> None:
+        if self.db.execute("DELETE FROM passage_sources WHERE source = ?", (source,)).rowcount:
+            self.db.execute("DELETE FROM passages WHERE id NOT IN (SELECT passage_id FROM passage_sources)")
 
     def add_file(self, path: str | Path, tokenizer, text_column: str = "text") -> dict:
         """Index one corpus file (skipped if unchanged since it was indexed); returns what happened."""
@@ -130,7 +146,7 @@ class PassageIndex:
         row = self.db.execute("SELECT size, mtime_ns FROM sources WHERE path = ?", (source,)).fetchone()
         if row == tuple(version):
             return {"source": source, "status": "unchanged, skipped"}
-        self.db.execute("DELETE FROM passages WHERE source = ?", (source,))
+        self._forget_source(source)
         skipped = SkipCounter()
         passages = self._passages(read(skipped), tokenizer, text_column, default_title, skipped)
         added, duplicates = self.add_passages(passages, source)
@@ -153,6 +169,15 @@ class PassageIndex:
             title = record.get("title") if isinstance(record.get("title"), str) else default_title
             for passage in split_passages(text, tokenizer):
                 yield title, passage
+
+    def passage_ids(self, texts: Iterable[str]) -> set[int]:
+        """Ids of the indexed passages with exactly these texts."""
+        ids = set()
+        for text in texts:
+            row = self.db.execute("SELECT id FROM passages WHERE digest = ?", (passage_digest(text),)).fetchone()
+            if row:
+                ids.add(row[0])
+        return ids
 
     def search(self, question: str, k: int = 5) -> list[Passage]:
         """The k passages that best match the question's words by BM25 (best first); [] if it has none."""

@@ -14,7 +14,6 @@ print it and exit with status 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
 MAX_EPOCHS = {"pretraining": 3, "instruction_tuning": 2}
 
@@ -61,13 +60,16 @@ def check_plain_text_record(record: dict, source: str) -> None:
     ):
         raise RuleViolation(f"{source} is a SQuAD file; phase 1 trains on plain text only (no instruction data).")
     text = record.get("text")
-    if isinstance(text, str) and text.count("__eou__") >= 2:
+    if isinstance(text, str):
+        check_plain_text(text, source)
+
+
+def check_plain_text(text: str, source: str) -> None:
+    """Refuse text that carries an instruction or dialogue format (Alpaca's prompt, DailyDialog's turn marks)."""
+    if "### Instruction:" in text and "### Response:" in text:
+        raise RuleViolation(f"{source} holds Alpaca-formatted instruction text; phase 1 trains on plain text only (no instruction data).")
+    if text.count("__eou__") >= 2:
         raise RuleViolation(f"{source} is DailyDialog text; phase 1 trains on plain text only (no dialogue data).")
-
-
-def check_plain_text_records(records: Iterable[dict], source: str) -> None:
-    for record in records:
-        check_plain_text_record(record, source)
 
 
 def check_plain_text_hub_dataset(name: str) -> None:

@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +38,12 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from models.gpt2 import chunked_lm_loss, use_fused_gelu
+from trm.evaluation import copying_loss
 from trm.generation import SamplingSettings
 from trm import rules
+from trm.recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -100,6 +102,8 @@ class TrmTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs:
             logs["eval_perplexity"] = round(math.exp(min(logs["eval_loss"], 50.0)), 3)
+            copying = copying_loss(self.accelerator.unwrap_model(self.model))
+            logs["eval_copy_loss"] = round(copying["copy_loss"], 4)  # falls once the model can copy from its context
         if "loss" in logs and self.state.num_input_tokens_seen:
             now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
             # The first log after a (re)start has no interval to measure over.
@@ -167,20 +171,25 @@ class SampleGenerationCallback(TrainerCallback):
 
 
 class GracefulInterruptCallback(TrainerCallback):
-    """First Ctrl-C: save a checkpoint and stop after the current step. Second Ctrl-C: stop now."""
+    """First Ctrl-C or SIGTERM (kill, systemd, Docker, job schedulers): save a checkpoint and stop after the
+    current step. A second signal: stop at once, with one line, without saving."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.requested:
-            raise KeyboardInterrupt
+            print(f"{name} again: stopped without saving; --resume continues from the last checkpoint.", file=sys.stderr)
+            raise SystemExit(128 + signum)
         self.requested = True
-        logger.warning("Interrupted: saving a checkpoint after this step (Ctrl-C again to abort without saving).")
+        logger.warning("%s: saving a checkpoint after this step (send it again to stop at once without saving).", name)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -188,29 +197,130 @@ class GracefulInterruptCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous = {}
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a file missing or unreadable), or None if it can."""
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return "trainer_state.json is not valid JSON"
+    return None
+
+
+def newest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N folder the Trainer can resume from; incomplete ones (a crash mid-save) are skipped."""
+    folders = [f for f in Path(output_dir).glob("checkpoint-*") if f.is_dir() and f.name.split("-")[-1].isdigit()]
+    for folder in sorted(folders, key=lambda f: int(f.name.split("-")[-1]), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        logger.warning("resume: skipping %s (%s; a save was interrupted)", folder, problem)
+    return None
 
 
 def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
-    """`auto` -> newest checkpoint in `output_dir` (or None); a path must exist."""
+    """`auto` -> newest complete checkpoint in `output_dir` (or None); a path must be a complete checkpoint."""
     if resume_from_checkpoint in (None, "", "false", "False"):
         return None
     if resume_from_checkpoint == "auto":
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last = newest_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         logger.info("resume: %s", f"continuing from {last}" if last else "no checkpoint yet, starting fresh")
         return last
     if not os.path.isdir(resume_from_checkpoint):
         raise FileNotFoundError(f"resume_from_checkpoint={resume_from_checkpoint} is not a checkpoint directory.")
+    problem = checkpoint_problem(Path(resume_from_checkpoint))
+    if problem:
+        raise FileNotFoundError(f"resume_from_checkpoint={resume_from_checkpoint} cannot be resumed from ({problem}).")
     return resume_from_checkpoint
 
 
 def refuse_foreign_output_dir(output_dir: str, resume: str | None) -> None:
     """Starting fresh into a directory that already holds checkpoints would mix two runs."""
-    if resume is None and os.path.isdir(output_dir) and get_last_checkpoint(output_dir):
+    if resume is None and any(Path(output_dir).glob("checkpoint-*")):
         raise FileExistsError(
             f"{output_dir} already holds checkpoints; continue with --resume, or choose another --output_dir."
         )
+
+
+def check_training_arguments(args) -> None:
+    """Settings the Trainer would only reject late, or with a traceback, refused in one sentence before any work."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise RecipeError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.learning_rate < 0:
+        raise RecipeError(f"--learning_rate must not be negative, got {args.learning_rate}.")
+    if args.load_best_model_at_end and args.eval_strategy == "no":
+        raise RecipeError("--eval_strategy no leaves nothing for early stopping and load_best_model_at_end to use; "
+                          "add --load_best_model_at_end false.")
+
+
+def refuse_resuming_a_finished_run(checkpoint: str, args) -> None:
+    """Resuming at or past the last step would train one more step and log it twice: say the run is done."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    step = state.get("global_step", 0)
+    if args.max_steps > 0:
+        finished = step >= args.max_steps
+    else:
+        finished = args.num_train_epochs <= state.get("num_train_epochs", 0) and step >= state.get("max_steps", math.inf)
+    if finished:
+        raise FileExistsError(f"{checkpoint} is the end of a finished run (step {step}); raise --max_steps or "
+                              "--num_train_epochs (within the epoch cap) to train further, or choose another --output_dir.")
+
+
+RESUME_SETTINGS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+                   "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs", "seed")
+SETTINGS_FILE = "run_settings.json"
+_held_locks: dict[Path, object] = {}  # output_dir -> its open lock file, held until the process ends
+
+
+def claim_output_dir(args) -> str | None:
+    """Lock `output_dir` for this run, choose the checkpoint to resume from, and say which changed settings a
+    resumed run cannot honour (the optimizer and schedule come back from the checkpoint). Returns the checkpoint."""
+    import fcntl
+
+    check_training_arguments(args)
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    refuse_foreign_output_dir(args.output_dir, resume)
+    if resume:
+        refuse_resuming_a_finished_run(resume, args)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return resume  # several processes share one run: the first one holds the lock and writes the settings
+    folder = Path(args.output_dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder not in _held_locks:
+        lock = open(folder / ".lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise FileExistsError(f"another run is writing to {folder}; wait for it to finish or choose another --output_dir.") from None
+        _held_locks[folder] = lock
+    for stale in folder.glob(".tmp-final-*"):  # a final save killed midway; the lock says no other run owns it
+        shutil.rmtree(stale, ignore_errors=True)
+    current = {name: getattr(args, name) for name in RESUME_SETTINGS}
+    stored_path = folder / SETTINGS_FILE
+    if resume and stored_path.is_file():
+        stored = json.loads(stored_path.read_text(encoding="utf-8"))
+        changed = [f"{name} {stored[name]} -> {current[name]}" for name in RESUME_SETTINGS
+                   if name in stored and stored[name] != current[name] and name not in ("max_steps", "num_train_epochs")]
+        if changed:
+            logger.warning("resume: the optimizer, learning-rate schedule and data order continue from %s, so these "
+                           "changes are not applied: %s. Start a fresh --output_dir to use them.", resume, "; ".join(changed))
+        return resume
+    tmp = stored_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, stored_path)
+    return resume
 
 
 def default_generation_config(tokenizer, max_new_tokens: int = 128) -> GenerationConfig:

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Open-domain SQuAD: each question asked without its passage, answered from what the index retrieves.
+
+    python benchmarks/open_domain_squad.py MODEL_DIR --squad_file unseen-v1.1.json --corpus wiki.jsonl.xz
+
+The index (`--index`, built or extended here with the project's own indexer) holds the paragraphs of the
+SQuAD file's articles and the `--corpus` documents as distractors. Reported:
+- retrieval recall@1 / @k: a passage cut from the question's own paragraph is among the top 1 / k;
+  answer recall@k: some top-k passage contains a gold answer string;
+- end to end, EM / F1 of grounded answers (always a span: every SQuAD v1.1 question has an answer) for
+  several ways of choosing among the k passages, and seconds per question on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.cleaning import clean_text  # noqa: E402
+from data.files import load_json_document  # noqa: E402
+from data.passages import split_passages  # noqa: E402
+from run_eval import write_json_atomically  # noqa: E402
+from trm.evaluation import best_f1, squad_rows  # noqa: E402
+from trm.generation import load_model  # noqa: E402
+from trm.grounded import GroundedSettings, answer_from_passages  # noqa: E402
+from trm.metrics.squad.squad import exact_match  # noqa: E402
+from trm.retrieval import PassageIndex  # noqa: E402
+
+CHOOSERS = {
+    "top-ranked passage only": lambda answers, passages: 0,
+    "largest margin over the no-answer reply (run_ask)": lambda answers, passages: max(
+        range(len(answers)), key=lambda i: answers[i].margin),
+    "largest span score": lambda answers, passages: max(range(len(answers)), key=lambda i: answers[i].span_score),
+}
+
+
+def index_squad_articles(index: PassageIndex, path: str, tokenizer) -> dict:
+    document = load_json_document(path)
+    stat = Path(path).stat()
+    records = [{"title": article["title"].replace("_", " "), "text": paragraph["context"]}
+               for article in document["data"] for paragraph in article["paragraphs"]]
+    return index.add_records(f"squad:{Path(path).resolve()}", (stat.st_size, stat.st_mtime_ns), lambda skipped: iter(records),
+                             tokenizer, "text", default_title="SQuAD")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_name_or_path")
+    parser.add_argument("--squad_file", required=True)
+    parser.add_argument("--corpus", nargs="+", default=[], help="distractor documents (formats phase 1 reads)")
+    parser.add_argument("--index", default="cache/open_domain.sqlite")
+    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--report", default="cache/open_domain_squad.json")
+    args = parser.parse_args()
+    model, tokenizer = load_model(args.model_name_or_path)
+    index = PassageIndex(args.index, create=True)
+    for path in args.corpus:
+        print(index.add_file(path, tokenizer)["status"], path, flush=True)
+    print(index_squad_articles(index, args.squad_file, tokenizer)["status"], args.squad_file, f"- {len(index):,} passages", flush=True)
+    settings = GroundedSettings.for_model(args.model_name_or_path, allow_no_answer=False)
+
+    rows = squad_rows(args.squad_file, args.limit)
+    hits_1 = hits_k = answer_hits = 0
+    totals = {name: [0.0, 0.0] for name in CHOOSERS}
+    search_seconds = answer_seconds = 0.0
+    examples = []
+    for row in rows:
+        gold = index.passage_ids(split_passages(clean_text(row["context"]), tokenizer))
+        started = time.perf_counter()
+        passages = index.search(row["question"], args.top_k)
+        search_seconds += time.perf_counter() - started
+        ids = [p.id for p in passages]
+        hits_1 += bool(ids[:1] and ids[0] in gold)
+        hits_k += bool(gold & set(ids))
+        answer_hits += any(a in p.text for p in passages for a in row["answers"])
+        if not passages:
+            continue
+        started = time.perf_counter()
+        answers = [answer_from_passages(model, tokenizer, [p.text], row["question"], settings) for p in passages]
+        answer_seconds += time.perf_counter() - started
+        answers = [a[1] for a in answers if a is not None]
+        for name, choose in CHOOSERS.items():
+            chosen = answers[choose(answers, passages)].answer if answers else ""
+            totals[name][0] += max(exact_match(chosen, a) for a in row["answers"])
+            totals[name][1] += best_f1(chosen, row["answers"])
+        if len(examples) < 20:
+            examples.append({"question": row["question"], "answers": row["answers"],
+                             "retrieved": [p.title for p in passages], "gold_in_top_k": bool(gold & set(ids)),
+                             "chosen (margin)": answers[CHOOSERS["largest margin over the no-answer reply (run_ask)"](answers, passages)].answer})
+    passages_indexed = len(index)
+    index.close()
+    n = len(rows)
+    report = {"model": args.model_name_or_path, "questions": n, "passages_indexed": passages_indexed, "top_k": args.top_k,
+              "recall@1": 100 * hits_1 / n, f"recall@{args.top_k}": 100 * hits_k / n, f"answer_recall@{args.top_k}": 100 * answer_hits / n,
+              "end_to_end": {name: {"exact": 100 * em / n, "f1": 100 * f1 / n} for name, (em, f1) in totals.items()},
+              "seconds_per_question": {"search": search_seconds / n, "answer": answer_seconds / n}, "examples": examples}
+    write_json_atomically(Path(args.report), report)
+    print(f"questions {n}: recall@1 {report['recall@1']:.1f}, recall@{args.top_k} {report[f'recall@{args.top_k}']:.1f}, "
+          f"answer recall@{args.top_k} {report[f'answer_recall@{args.top_k}']:.1f}; "
+          f"s/question: search {search_seconds / n:.3f}, answer {answer_seconds / n:.3f}")
+    for name, scores in report["end_to_end"].items():
+        print(f"  {name}: EM {scores['exact']:.1f} F1 {scores['f1']:.1f}")
+    print(f"report: {args.report}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Damaged and hostile input: every file either yields records (the rest counted as skipped) or one DataError."""
+
+import bz2
+import gzip
+import io
+import json
+import lzma
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import run_chat
+import run_eval
+from data.files import DataError, SkipCounter, read_records
+from data.instruction_sources import load_source
+
+SUFFIXES = [f + c for f in (".txt", ".jsonl", ".json", ".parquet") for c in ("", ".gz", ".xz", ".bz2", ".zst")]
+COMPRESS = {"": lambda b: b, ".gz": gzip.compress, ".xz": lzma.compress, ".bz2": bz2.compress}
+
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _valid_bytes(file_format: str) -> bytes:
+    records = [{"title": "t", "text": "The river flows north."}, {"title": "u", "text": "Paris is in France."}]
+    if file_format == ".txt":
+        return b"The river flows north.\nParis is in France.\n"
+    if file_format == ".jsonl":
+        return "".join(json.dumps(r) + "\n" for r in records).encode()
+    if file_format == ".json":
+        return json.dumps(records).encode()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(records), sink)
+    return sink.getvalue()
+
+
+def _consume(path: Path) -> int:
+    skipped = SkipCounter()
+    try:
+        return len(list(read_records(path, skipped)))
+    except DataError as error:
+        assert str(error).startswith(str(path)) and "\n" not in str(error)
+        return -1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(suffix=st.sampled_from(SUFFIXES), cut=st.floats(0.0, 1.0), noise=st.binary(max_size=64), mode=st.sampled_from(["truncate", "garbage", "flip"]))
+def test_damaged_files_of_every_format_give_records_or_one_sentence(tmp_path, suffix, cut, noise, mode):
+    file_format, compression = (suffix[: suffix.rfind(".")], suffix[suffix.rfind("."):]) if suffix.count(".") == 2 else (suffix, "")
+    compress = _zstd if compression == ".zst" else COMPRESS[compression]
+    data = compress(_valid_bytes(file_format))
+    if mode == "truncate":
+        data = data[: int(len(data) * cut)]
+    elif mode == "garbage":
+        data = noise
+    else:
+        position = int((len(data) - 1) * cut)
+        data = data[:position] + bytes([data[position] ^ 0xFF]) + data[position + 1:]
+    path = tmp_path / f"sample{suffix}"
+    path.write_bytes(data)
+    _consume(path)  # no exception other than DataError escapes
+    for source in ("alpaca", "squad", "dailydialog", "chat"):
+        try:
+            list(load_source(source, str(path), SkipCounter()))
+        except DataError:
+            pass
+
+
+def test_each_kind_of_damage_is_named(tmp_path):
+    truncated = tmp_path / "wiki.jsonl.xz"
+    truncated.write_bytes(lzma.compress(_valid_bytes(".jsonl") * 50)[:40])
+    with pytest.raises(DataError, match=r"wiki.jsonl.xz: not a readable .xz archive, truncated or corrupt"):
+        list(read_records(truncated, SkipCounter()))
+    not_xz = tmp_path / "plain.txt.xz"
+    not_xz.write_bytes(b"just some text\n")
+    with pytest.raises(DataError, match="not a readable .xz archive"):
+        list(read_records(not_xz, SkipCounter()))
+    bad_crc = tmp_path / "wiki.txt.gz"
+    data = bytearray(gzip.compress(b"hello world\n" * 10))
+    data[-8] ^= 0xFF  # the CRC32 in the gzip trailer
+    bad_crc.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="wiki.txt.gz: not a readable .gz archive"):
+        list(read_records(bad_crc, SkipCounter()))
+    garbage = tmp_path / "table.parquet"
+    garbage.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="table.parquet: not a readable file"):
+        list(read_records(garbage, SkipCounter()))
+    folder = tmp_path / "x.txt"
+    folder.mkdir()
+    with pytest.raises(DataError, match="a directory, not a data file"):
+        list(read_records(folder, SkipCounter()))
+
+
+def test_damaged_model_directories_are_one_sentence(model_dir, tmp_path):
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(DataError, match="not a readable model directory"):
+        run_eval.main([str(model_dir)])
+    (model_dir / "config.json").write_text("{not json")
+    with pytest.raises(DataError, match="not a readable model directory"):
+        run_chat.main([str(model_dir), "--prompt", "hi"])
+
+
+def test_chat_refuses_impossible_reply_lengths(model_dir):
+    from trm.recipe import RecipeError
+
+    for value in ("0", "-5", "300"):
+        with pytest.raises(RecipeError, match="max_new_tokens"):
+            run_chat.main([str(model_dir), "--prompt", "hi", "--max_new_tokens", value])
+
+
+def test_long_instructions_in_evaluation_are_counted_not_crashed(model_dir, tmp_path):
+    instructions = tmp_path / "instructions.txt"
+    instructions.write_text("Say hi.\n" + "word " * 300 + "\n")
+    report = run_eval.main([str(model_dir), "--instructions_file", str(instructions), "--max_new_tokens", "8"])
+    assert report["instructions"]["instructions"] == 1 and report["instructions"]["too_long_for_the_context"] == 1
+    from trm.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="below the model's context"):
+        run_eval.main([str(model_dir), "--max_new_tokens", "64"])
