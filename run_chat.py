@@ -19,7 +19,7 @@ import sys
 import torch
 from transformers import TextStreamer
 
-from data.files import read_text
+from data.files import DataError, read_text
 from data.passages import split_passages
 from trm.cli import run_main
 from trm.generation import SamplingSettings, context_length, fit_history, generate_reply, load_model
@@ -106,7 +106,10 @@ def main(argv=None) -> None:
         else:
             conversation = fit_history(history + [{"role": "user", "content": message}], tokenizer, max_prompt_tokens)
             if conversation is None:
-                print(f"(that message is too long for the {context_length(model)}-token context; try a shorter one)")
+                too_long = f"that message is too long for the {context_length(model)}-token context"
+                if args.prompt is not None:
+                    raise DataError(f"{too_long} with room for {settings.max_new_tokens} new tokens; shorten it.")
+                print(f"({too_long}; try a shorter one)")
                 continue
             print("assistant>", end="", flush=True)
             reply, ended = generate_reply(model, tokenizer, conversation, settings, streamer=streamer)

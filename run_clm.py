@@ -39,14 +39,14 @@ def main(argv: list[str] | None = None) -> dict:
     rules.check_tokenizer(model_args.tokenizer_name)
     rules.check_epochs(PHASE, training_args.num_train_epochs)
     rules.check_device(training_args.use_cpu, training_args.bf16, training_args.fp16)
+    model = build_model(model_args.config_name, seed=training_args.seed)
+    if model.config.n_positions < data_args.block_size:
+        raise rules.RuleViolation(f"block_size {data_args.block_size} exceeds the model's context {model.config.n_positions}.")
     resume = claim_output_dir(training_args)
 
     datasets_, stats = prepare_pretraining_data(data_args, seed=training_args.seed)
     logger.info("%s", describe_stats(stats))
     tokenizer = load_tokenizer(model_max_length=data_args.block_size)
-    model = build_model(model_args.config_name, seed=training_args.seed)
-    if model.config.n_positions < data_args.block_size:
-        raise rules.RuleViolation(f"block_size {data_args.block_size} exceeds the model's context {model.config.n_positions}.")
     model.generation_config = default_generation_config(tokenizer)
     counts = parameter_counts(model)
     logger.info(

@@ -56,11 +56,13 @@ def main() -> None:
     parser.add_argument("--squad_file", required=True)
     parser.add_argument("--squad_v2_file", required=True)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--prior_weight", type=float, default=None, help="override grounded decoding's prior weight")
+    parser.add_argument("--v1_only", action="store_true", help="SQuAD v1.1 only")
     parser.add_argument("--report", default="cache/grounded_squad.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model_name_or_path)
-    settings = GroundedSettings.for_model(args.model_name_or_path, no_answer_threshold=0.0)
+    settings = GroundedSettings.for_model(args.model_name_or_path, no_answer_threshold=0.0, prior_weight=args.prior_weight)
     report, table = {"model": args.model_name_or_path, "settings": vars(settings)}, []
 
     def free(row):
@@ -79,33 +81,34 @@ def main() -> None:
                                    "seconds_per_question": grounded_seconds}}
     table += [("SQuAD v1.1", "free (greedy)", report["v1.1"]["free"]), ("SQuAD v1.1", "grounded (always a span)", report["v1.1"]["grounded"])]
 
-    rows = squad_rows(args.squad_v2_file, args.limit)
-    free_predictions, free_seconds = timed(free, rows)
-    answers, grounded_seconds = timed(lambda row: grounded(row, True), rows)
-    kept = [(a, r) for a, r in zip(answers, rows) if a is not None]
-    titles = sorted({r["title"] for _, r in kept})
-    folds = [set(titles[0::2]), set(titles[1::2])]
-    fold_of = {t: n for n, fold in enumerate(folds) for t in fold}
-    kept_rows = [r for _, r in kept]
-    report["v2.0"] = {"free": {**scores(free_predictions, rows), "seconds_per_question": free_seconds},
-                      "grounded, margin 0": {**scores([a.span if a.margin > 0 else "" for a, _ in kept], kept_rows),
-                                             "seconds_per_question": grounded_seconds}}
-    names = ["free", "grounded, margin 0"]
-    for name, min_no_answer in (("calibrated for F1", None), ("calibrated for NoAns >= 70%", 0.7)):
-        thresholds = {}
-        for number, fold in enumerate(folds):  # each fold gets the threshold calibrated on the other fold
-            others = [(a, r) for a, r in kept if r["title"] not in fold]
-            thresholds[number] = calibrate_no_answer_threshold(
-                [a.margin for a, _ in others], [best_f1(a.span, r["answers"]) for a, r in others],
-                [bool(r["answers"]) for _, r in others], min_no_answer)[0]
-        predictions = [a.span if a.margin > thresholds[fold_of[r["title"]]] else "" for a, r in kept]
-        name = f"grounded, {name} (cross-fitted by article)"
-        report["v2.0"][name] = {**scores(predictions, kept_rows), "folds": [sorted(f) for f in folds], "thresholds": thresholds}
-        names.append(name)
-    report["v2.0"]["questions_too_long"] = len(rows) - len(kept)
-    report["v2.0"]["per_question"] = [{"title": r["title"], "has_answer": bool(r["answers"]), "margin": a.margin,
-                                       "span_f1": best_f1(a.span, r["answers"]) if r["answers"] else None} for a, r in kept]
-    table += [("SQuAD v2.0", name, report["v2.0"][name]) for name in names]
+    if not args.v1_only:
+        rows = squad_rows(args.squad_v2_file, args.limit)
+        free_predictions, free_seconds = timed(free, rows)
+        answers, grounded_seconds = timed(lambda row: grounded(row, True), rows)
+        kept = [(a, r) for a, r in zip(answers, rows) if a is not None]
+        titles = sorted({r["title"] for _, r in kept})
+        folds = [set(titles[0::2]), set(titles[1::2])]
+        fold_of = {t: n for n, fold in enumerate(folds) for t in fold}
+        kept_rows = [r for _, r in kept]
+        report["v2.0"] = {"free": {**scores(free_predictions, rows), "seconds_per_question": free_seconds},
+                          "grounded, margin 0": {**scores([a.span if a.margin > 0 else "" for a, _ in kept], kept_rows),
+                                                 "seconds_per_question": grounded_seconds}}
+        names = ["free", "grounded, margin 0"]
+        for name, min_no_answer in (("calibrated for F1", None), ("calibrated for NoAns >= 70%", 0.7)):
+            thresholds = {}
+            for number, fold in enumerate(folds):  # each fold gets the threshold calibrated on the other fold
+                others = [(a, r) for a, r in kept if r["title"] not in fold]
+                thresholds[number] = calibrate_no_answer_threshold(
+                    [a.margin for a, _ in others], [best_f1(a.span, r["answers"]) for a, r in others],
+                    [bool(r["answers"]) for _, r in others], min_no_answer)[0]
+            predictions = [a.span if a.margin > thresholds[fold_of[r["title"]]] else "" for a, r in kept]
+            name = f"grounded, {name} (cross-fitted by article)"
+            report["v2.0"][name] = {**scores(predictions, kept_rows), "folds": [sorted(f) for f in folds], "thresholds": thresholds}
+            names.append(name)
+        report["v2.0"]["questions_too_long"] = len(rows) - len(kept)
+        report["v2.0"]["per_question"] = [{"title": r["title"], "has_answer": bool(r["answers"]), "margin": a.margin,
+                                           "span_f1": best_f1(a.span, r["answers"]) if r["answers"] else None} for a, r in kept]
+        table += [("SQuAD v2.0", name, report["v2.0"][name]) for name in names]
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(Path(args.report), report)
 

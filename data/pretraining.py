@@ -77,7 +77,8 @@ def _load_local(paths: list[str], args: PretrainingDataArguments, skipped: SkipC
             else:
                 skipped[f"records without a text field {args.text_column!r}"] += 1
         if len(texts) == before:
-            raise DataError(f"{path}: no documents found (empty file, or no {args.text_column!r} field).")
+            found = f"skipped: {skipped.describe()}" if skipped else f"empty file, or no {args.text_column!r} field"
+            raise DataError(f"{path}: no documents found ({found}).")
     return Dataset.from_dict({"text": texts})
 
 

@@ -69,8 +69,8 @@ def test_empty_and_undecodable_files_are_reported(tmp_path):
     with pytest.raises(DataError, match="no documents"):
         prepare_pretraining_data(_args(tmp_path, [empty]))
     binary = tmp_path / "binary.txt"
-    binary.write_bytes(b"\xff\xfe\xfa\n\xc3\x28\n")
-    with pytest.raises(DataError, match="no documents"):
+    binary.write_bytes(b"\xff\xfe\xfa\n\xc3\x28\n")  # Latin-1 or worse: say why nothing was read
+    with pytest.raises(DataError, match="no documents found \\(skipped: 2 lines that are not valid UTF-8\\)"):
         prepare_pretraining_data(_args(tmp_path, [binary]))
 
 

@@ -125,3 +125,23 @@ def test_long_instructions_in_evaluation_are_counted_not_crashed(model_dir, tmp_
 
     with pytest.raises(RecipeError, match="below the model's context"):
         run_eval.main([str(model_dir), "--max_new_tokens", "64"])
+
+
+def test_a_one_shot_prompt_too_long_for_the_context_is_an_error(model_dir):
+    with pytest.raises(DataError, match="too long for the 64-token context"):
+        run_chat.main([str(model_dir), "--prompt", "word " * 100, "--max_new_tokens", "8"])
+
+
+def test_a_block_size_beyond_the_context_is_refused_before_data_preparation(tmp_path, wiki_jsonl, tiny_config_path):
+    import run_clm
+    from conftest import write_recipe
+    from trm.rules import RuleViolation
+
+    recipe = write_recipe(tmp_path / "phase1.yaml", {
+        "model": {"config_name": str(tiny_config_path)},
+        "data": {"train_file": [str(wiki_jsonl)], "block_size": 1024, "data_cache_dir": str(tmp_path / "cache")},
+        "training": {"output_dir": str(tmp_path / "out"), "use_cpu": True, "max_steps": 2, "report_to": []},
+    })
+    with pytest.raises(RuleViolation, match="block_size 1024 exceeds the model's context 64"):
+        run_clm.main([str(recipe)])
+    assert not (tmp_path / "cache").exists()

@@ -202,7 +202,8 @@ class RetrievedAnswer:
     candidates: list[Passage]
 
     def as_dict(self) -> dict:
-        return {"question": self.question, "answer": self.answer, "answered": self.answered, "margin": round(self.margin, 4),
+        margin = round(self.margin, 4) if math.isfinite(self.margin) else None
+        return {"question": self.question, "answer": self.answer, "answered": self.answered, "margin": margin,
                 "title": self.passage and self.passage.title, "passage": self.passage and self.passage.text,
                 "source": self.passage and self.passage.source,
                 "retrieved": [{"title": p.title, "bm25": round(p.score, 4), "text": p.text} for p in self.candidates]}
