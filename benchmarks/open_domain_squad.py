@@ -8,7 +8,9 @@ SQuAD file's articles and the `--corpus` documents as distractors. Reported:
 - retrieval recall@1 / @k: a passage cut from the question's own paragraph is among the top 1 / k;
   answer recall@k: some top-k passage contains a gold answer string;
 - end to end, EM / F1 of grounded answers (always a span: every SQuAD v1.1 question has an answer) for
-  several ways of choosing among the k passages, and seconds per question on this machine.
+  several ways of choosing among the k passages, and seconds per question on this machine. `run_ask`
+  abstains when the model answers from none of the passages; its threshold is the one stored with the
+  model (`grounding.json`, else 0), and an abstention scores 0 here.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from trm.grounded import GroundedSettings, answer_from_passages  # noqa: E402
 from trm.metrics.squad.squad import exact_match  # noqa: E402
 from trm.retrieval import PassageIndex  # noqa: E402
 
-CHOOSERS = {
-    "top-ranked passage only": lambda answers, passages: 0,
-    "largest margin over the no-answer reply (run_ask)": lambda answers, passages: max(
-        range(len(answers)), key=lambda i: answers[i].margin),
-    "largest span score": lambda answers, passages: max(range(len(answers)), key=lambda i: answers[i].span_score),
+CHOOSERS = {  # each picks the reply from the grounded answers to the passages, best-ranked first
+    "top-ranked passage, always a span": lambda answers, threshold: answers[0].span,
+    "first passage in rank order the model answers (run_ask)": lambda answers, threshold: next(
+        (a.span for a in answers if a.margin > threshold), ""),
+    "largest margin over the no-answer reply": lambda answers, threshold: max(answers, key=lambda a: a.margin).span,
+    "largest span score": lambda answers, threshold: max(answers, key=lambda a: a.span_score).span,
 }
 
 
@@ -62,13 +65,13 @@ def main() -> None:
     for path in args.corpus:
         print(index.add_file(path, tokenizer)["status"], path, flush=True)
     print(index_squad_articles(index, args.squad_file, tokenizer)["status"], args.squad_file, f"- {len(index):,} passages", flush=True)
-    settings = GroundedSettings.for_model(args.model_name_or_path, allow_no_answer=False)
+    settings = GroundedSettings.for_model(args.model_name_or_path)
 
     rows = squad_rows(args.squad_file, args.limit)
     hits_1 = hits_k = answer_hits = 0
     totals = {name: [0.0, 0.0] for name in CHOOSERS}
     search_seconds = answer_seconds = 0.0
-    examples = []
+    examples, per_question = [], []
     for row in rows:
         gold = index.passage_ids(split_passages(clean_text(row["context"]), tokenizer))
         started = time.perf_counter()
@@ -84,21 +87,24 @@ def main() -> None:
         answers = [answer_from_passages(model, tokenizer, [p.text], row["question"], settings) for p in passages]
         answer_seconds += time.perf_counter() - started
         answers = [a[1] for a in answers if a is not None]
-        for name, choose in CHOOSERS.items():
-            chosen = answers[choose(answers, passages)].answer if answers else ""
+        choices = {name: choose(answers, settings.no_answer_threshold) if answers else "" for name, choose in CHOOSERS.items()}
+        for name, chosen in choices.items():
             totals[name][0] += max(exact_match(chosen, a) for a in row["answers"])
             totals[name][1] += best_f1(chosen, row["answers"])
+        per_question.append({"gold_rank": next((i for i, p in enumerate(ids) if p in gold), None),
+                             "answers": row["answers"], "spans": [a.span for a in answers],
+                             "margins": [round(a.margin, 4) for a in answers], "span_scores": [round(a.span_score, 4) for a in answers]})
         if len(examples) < 20:
-            examples.append({"question": row["question"], "answers": row["answers"],
-                             "retrieved": [p.title for p in passages], "gold_in_top_k": bool(gold & set(ids)),
-                             "chosen (margin)": answers[CHOOSERS["largest margin over the no-answer reply (run_ask)"](answers, passages)].answer})
+            examples.append({"question": row["question"], "answers": row["answers"], "retrieved": [p.title for p in passages],
+                             "gold_in_top_k": bool(gold & set(ids)), "replies": choices})
     passages_indexed = len(index)
     index.close()
     n = len(rows)
     report = {"model": args.model_name_or_path, "questions": n, "passages_indexed": passages_indexed, "top_k": args.top_k,
               "recall@1": 100 * hits_1 / n, f"recall@{args.top_k}": 100 * hits_k / n, f"answer_recall@{args.top_k}": 100 * answer_hits / n,
               "end_to_end": {name: {"exact": 100 * em / n, "f1": 100 * f1 / n} for name, (em, f1) in totals.items()},
-              "seconds_per_question": {"search": search_seconds / n, "answer": answer_seconds / n}, "examples": examples}
+              "seconds_per_question": {"search": search_seconds / n, "answer": answer_seconds / n}, "examples": examples,
+              "per_question": per_question}
     write_json_atomically(Path(args.report), report)
     print(f"questions {n}: recall@1 {report['recall@1']:.1f}, recall@{args.top_k} {report[f'recall@{args.top_k}']:.1f}, "
           f"answer recall@{args.top_k} {report[f'answer_recall@{args.top_k}']:.1f}; "

@@ -12,7 +12,9 @@ Design decisions:
 - Every assistant reply ends with `<|endoftext|>`, so the model learns to stop by itself and
   generation stops on the tokenizer's EOS with no custom stopping rule.
 - `render` is the reference implementation; `CHAT_TEMPLATE` is the same format as a Jinja chat template,
-  stored with every model so `tokenizer.apply_chat_template` reproduces it (a test checks they agree).
+  stored with every model so `tokenizer.apply_chat_template` reproduces it, message text trimmed alike,
+  with `{% generation %}` marks on the replies so `return_assistant_tokens_mask` gives the tokens that
+  carry the loss (a test checks text, ids and masks agree).
 - `render` also returns the character spans of the assistant replies (the space after "Assistant:"
   through the closing `<|endoftext|>`); `data.sft` turns them into label masks via token offsets, so the
   tokens that carry the loss are exactly those that follow a generation prompt.
@@ -29,9 +31,9 @@ ROLES = ("system", "user", "assistant")
 
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\n' }}"
-    "{%- elif message['role'] == 'user' -%}{{ 'User: ' + message['content'] + '\n' }}"
-    "{%- else -%}{{ 'Assistant: ' + message['content'] + '<|endoftext|>' }}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] | trim + '\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'User: ' + message['content'] | trim + '\n' }}"
+    "{%- else -%}{{ 'Assistant:' }}{% generation %}{{ ' ' + message['content'] | trim + '<|endoftext|>' }}{% endgeneration %}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"

@@ -38,6 +38,7 @@ def build_model(config_name: str | Path, seed: int | None = None) -> GPT2LMHeadM
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} not found; pick one of configs/*.json.")
     config = GPT2Config.from_json_file(str(path))
+    config.n_ctx = config.n_positions  # saved with the model: llama.cpp's GGUF converter reads the context as n_ctx
     if seed is not None:
         torch.manual_seed(seed)
     return GPT2LMHeadModel(config)

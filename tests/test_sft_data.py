@@ -107,11 +107,22 @@ def test_only_replies_and_their_end_token_carry_labels(tokenizer):
 
 
 def test_chat_template_renders_the_training_format(tokenizer):
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "More?"}]
+    import random
+
     assert tokenizer.chat_template == CHAT_TEMPLATE
-    for add in (False, True):
-        conversation = messages if add else messages[:2]
-        assert tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add) == render(conversation, add)[0]
+    rng = random.Random(0)
+    pieces = ["Hi", "  padded question  ", "Hello!\n", "Line one\nline two", "Ünïcode — ok?", " x ", "Say 7."]
+    for _ in range(40):
+        turns = rng.randint(1, 3)
+        messages = [{"role": "system", "content": rng.choice(pieces)}] if rng.random() < 0.3 else []
+        for _turn in range(turns):
+            messages += [{"role": "user", "content": rng.choice(pieces)}, {"role": "assistant", "content": rng.choice(pieces)}]
+        for conversation, add in ((messages, False), (messages[:-1], True)):
+            assert tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add) == render(conversation, add)[0]
+        encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, labels = encode_messages(messages, tokenizer)
+        assert encoded["input_ids"] == ids
+        assert encoded["assistant_masks"] == [int(label != IGNORE_INDEX) for label in labels]
 
 
 def test_mix_caps_and_disjoint_validation(tmp_path, tokenizer):

@@ -47,6 +47,9 @@ def test_phase1_learns_saves_and_reloads(phase1_model):
         assert (output_dir / name).is_file(), name
     assert not list(output_dir.glob(".tmp-*"))
     assert any("tokens_per_second" in record for record in history)
+    assert all("eval_copy_loss" in record for record in history if "eval_loss" in record)
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["n_ctx"] == config["n_positions"] == 64
 
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
