@@ -141,12 +141,12 @@ def detokenize_dialogue(text: str) -> str:
 
 def _dialogue_conversation(turns: list[str], skipped: SkipCounter) -> Conversation | None:
     turns = [detokenize_dialogue(t) for t in turns if t and t.strip()]
+    if len(turns) < 2:  # in a .txt file: a line without __eou__ separators
+        skipped["dialogues with fewer than two turns"] += 1
+        return None
     if len(turns) % 2:
         turns = turns[:-1]
         skipped["final unanswered turns dropped (dialogue kept)"] += 1
-    if len(turns) < 2:
-        skipped["dialogues with fewer than two turns"] += 1
-        return None
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
     return Conversation("dailydialog", f"dailydialog:{turns[0][:200]}", messages)
 

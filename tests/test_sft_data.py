@@ -66,13 +66,15 @@ def test_long_passages_are_windowed_around_the_answer(tmp_path, tokenizer):
 def test_dailydialog_original_format(tmp_path):
     path = tmp_path / "dialogues_train.txt"
     path.write_text("Say , Jim , how about a beer ? __eou__ You know that is tempting . __eou__ What do you mean ? __eou__\n"
-                    "Hello ! __eou__\n")
+                    "Hello ! __eou__\n"
+                    "A line of plain text without turn separators.\n")
     conversations, skipped = _load("dailydialog", path)
     assert len(conversations) == 1
     assert conversations[0].messages == [
         {"role": "user", "content": "Say, Jim, how about a beer?"}, {"role": "assistant", "content": "You know that is tempting."},
     ]
-    assert skipped == {"final unanswered turns dropped (dialogue kept)": 2, "dialogues with fewer than two turns": 1}
+    # Each dialogue is counted once, under the one reason that applies to it.
+    assert skipped == {"final unanswered turns dropped (dialogue kept)": 1, "dialogues with fewer than two turns": 2}
     assert detokenize_dialogue("I don't know , it ' s fine .") == "I don't know, it's fine."
 
 

@@ -225,3 +225,28 @@ def test_bad_numbers_and_a_busy_output_dir_are_refused_before_any_work(tmp_path,
         fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(FileExistsError, match="another run is writing"):
             run_clm.main([str(recipe)])
+
+
+def test_kill_9_mid_run_then_resume_finishes_the_run(tmp_path, wiki_jsonl, tiny_config_path):
+    import os
+    import signal
+    import time
+
+    recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path, max_steps=60, save_steps=2, eval_steps=30,
+                            eval_on_start=False, save_total_limit=2)
+    root = Path(__file__).resolve().parent.parent
+    log = open(tmp_path / "run.log", "w")
+    run = subprocess.Popen([sys.executable, "run_clm.py", str(recipe)], cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    output_dir = tmp_path / "phase1"
+    deadline = time.time() + 120
+    while time.time() < deadline and run.poll() is None and len(list(output_dir.glob("checkpoint-*"))) < 2:
+        time.sleep(0.05)
+    assert run.poll() is None, (tmp_path / "run.log").read_text()[-2000:]
+    os.kill(run.pid, signal.SIGKILL)  # at whatever moment the run is in: a step, or the middle of a save
+    run.wait()
+    assert list(output_dir.glob("checkpoint-*")), "the run never saved a checkpoint"
+    # The dead run's lock went with it; resuming picks the newest complete checkpoint and finishes.
+    metrics = run_clm.main([str(recipe), "--resume"])
+    state = json.loads((output_dir / "checkpoint-60" / "trainer_state.json").read_text())
+    assert state["global_step"] == 60 and metrics["epoch"] > 0
+    assert (output_dir / "model.safetensors").is_file() and not list(output_dir.glob(".tmp-final-*"))
