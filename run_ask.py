@@ -13,9 +13,9 @@ import argparse
 import json
 
 from trm.cli import run_main
-from trm.recipe import RecipeError
 from trm.generation import load_model
 from trm.grounded import GroundedSettings
+from trm.recipe import RecipeError
 from trm.retrieval import PassageIndex, RetrievedAnswer, ask
 
 

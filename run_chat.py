@@ -100,7 +100,10 @@ def main(argv=None) -> None:
             passage = rest.strip() or None
             print("(answering from the passage)" if passage else "(back to free chat)")
         elif command == "/ask":
-            print("assistant>", ask_reply(model, tokenizer, args.index, rest, args.ask_top_k) if rest.strip() else "(usage: /ask QUESTION)")
+            try:
+                print("assistant>", ask_reply(model, tokenizer, args.index, rest, args.ask_top_k) if rest.strip() else "(usage: /ask QUESTION)")
+            except (FileNotFoundError, DataError) as error:  # the chat goes on: a missing index is not the end of it
+                print(f"({error})")
         elif passage:
             print("assistant>", grounded_reply(model, tokenizer, passage, message))
         else:

@@ -132,6 +132,10 @@ def test_chat_answers_from_a_passage_and_from_the_index(model_dir, tmp_path, mon
     passage = "Rollo led the Normans into Francia."
     monkeypatch.setattr("sys.stdin", io.StringIO(
         f"/passage {passage}\nWho led the Normans?\n/passage\nHello\n/ask When was oxygen discovered?\n/exit\n"))
+    run_chat.main([str(model_dir), "--max_new_tokens", "8", "--temperature", "0", "--index", str(tmp_path / "missing.sqlite")])
+    assert "no passage index at" in capsys.readouterr().out  # the chat said so and went on to /exit
+    monkeypatch.setattr("sys.stdin", io.StringIO(
+        f"/passage {passage}\nWho led the Normans?\n/passage\nHello\n/ask When was oxygen discovered?\n/exit\n"))
     capsys.readouterr()
     run_chat.main([str(model_dir), "--max_new_tokens", "8", "--temperature", "0", "--index", str(tmp_path / "index.sqlite")])
     out = capsys.readouterr().out
