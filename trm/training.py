@@ -40,9 +40,9 @@ from transformers import GenerationConfig, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from models.gpt2 import chunked_lm_loss, use_fused_gelu
+from trm import rules
 from trm.evaluation import copying_loss
 from trm.generation import SamplingSettings
-from trm import rules
 from trm.recipe import RecipeError
 
 logger = logging.getLogger(__name__)
@@ -219,12 +219,15 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 def newest_complete_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint-N folder the Trainer can resume from; incomplete ones (a crash mid-save) are skipped."""
-    folders = [f for f in Path(output_dir).glob("checkpoint-*") if f.is_dir() and f.name.split("-")[-1].isdigit()]
+    folders = [f for f in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if f.is_dir() and f.name.split("-")[-1].isdigit()]
     for folder in sorted(folders, key=lambda f: int(f.name.split("-")[-1]), reverse=True):
         problem = checkpoint_problem(folder)
         if problem is None:
             return str(folder)
         logger.warning("resume: skipping %s (%s; a save was interrupted)", folder, problem)
+    if folders:
+        raise FileNotFoundError(f"{output_dir} holds no checkpoint that can be resumed from (each misses files); "
+                                "delete them to start again, or choose another --output_dir.")
     return None
 
 
@@ -246,7 +249,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
 
 def refuse_foreign_output_dir(output_dir: str, resume: str | None) -> None:
     """Starting fresh into a directory that already holds checkpoints would mix two runs."""
-    if resume is None and any(Path(output_dir).glob("checkpoint-*")):
+    if resume is None and any(Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")):
         raise FileExistsError(
             f"{output_dir} already holds checkpoints; continue with --resume, or choose another --output_dir."
         )
