@@ -71,7 +71,7 @@ def main() -> None:
     hits_1 = hits_k = answer_hits = 0
     totals = {name: [0.0, 0.0] for name in CHOOSERS}
     search_seconds = answer_seconds = 0.0
-    examples, per_question = [], []
+    examples, per_question, abstained = [], [], 0
     for row in rows:
         gold = index.passage_ids(split_passages(clean_text(row["context"]), tokenizer))
         started = time.perf_counter()
@@ -88,6 +88,7 @@ def main() -> None:
         answer_seconds += time.perf_counter() - started
         answers = [a[1] for a in answers if a is not None]
         choices = {name: choose(answers, settings.no_answer_threshold) if answers else "" for name, choose in CHOOSERS.items()}
+        abstained += choices["first passage in rank order the model answers (run_ask)"] == ""
         for name, chosen in choices.items():
             totals[name][0] += max(exact_match(chosen, a) for a in row["answers"])
             totals[name][1] += best_f1(chosen, row["answers"])
@@ -103,6 +104,7 @@ def main() -> None:
     report = {"model": args.model_name_or_path, "questions": n, "passages_indexed": passages_indexed, "top_k": args.top_k,
               "recall@1": 100 * hits_1 / n, f"recall@{args.top_k}": 100 * hits_k / n, f"answer_recall@{args.top_k}": 100 * answer_hits / n,
               "end_to_end": {name: {"exact": 100 * em / n, "f1": 100 * f1 / n} for name, (em, f1) in totals.items()},
+              "run_ask_abstained": abstained,
               "seconds_per_question": {"search": search_seconds / n, "answer": answer_seconds / n}, "examples": examples,
               "per_question": per_question}
     write_json_atomically(Path(args.report), report)
@@ -111,6 +113,7 @@ def main() -> None:
           f"s/question: search {search_seconds / n:.3f}, answer {answer_seconds / n:.3f}")
     for name, scores in report["end_to_end"].items():
         print(f"  {name}: EM {scores['exact']:.1f} F1 {scores['f1']:.1f}")
+    print(f"  run_ask abstained on {abstained} of {n} questions")
     print(f"report: {args.report}")
 
 
