@@ -2,7 +2,7 @@
 
 Design decisions:
 - Copying (`copying_loss`): loss on the second copy of a repeated random token sequence, the usual
-  probe for induction heads; reported for every model directory and at every phase-1 evaluation.
+  probe for induction heads; reported for every model directory and at every evaluation during training.
 - Perplexity text goes through the phase-1 cleaning and packing, so numbers on a raw file are
   comparable with the validation loss of training. Blocks do not overlap; the first token of each
   block is context only. Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the
@@ -30,11 +30,10 @@ from data.cleaning import clean_text
 from data.files import DataError, SkipCounter, load_json_document, read_records
 from data.instruction_sources import squad_rows_from_official
 from data.prompt_format import ASSISTANT_PREFIX, NO_ANSWER_REPLY, USER_PREFIX, reading_comprehension_message
-from data.sft import fit_passage
 from models.gpt2 import chunked_lm_loss
 from trm.generation import SamplingSettings, fit_history, generate_reply
 from trm.grounded import (
-    GroundedAnswer, GroundedSettings, answer_from_passages, calibrate_no_answer_threshold,
+    GroundedAnswer, GroundedSettings, answer_from_passages, calibrate_no_answer_threshold, fit_to_context,
 )
 from trm.metrics.squad.squad import f1 as squad_f1
 
@@ -121,12 +120,6 @@ def squad_rows(path: str, limit: int | None) -> list[dict]:
     return rows
 
 
-def squad_prompt_passage(row: dict, tokenizer, context: int, reply_tokens: int) -> str | None:
-    """The passage cut (from its start) so that prompt and a reply of `reply_tokens` fit; None if nothing fits."""
-    placeholder_reply = " ".join(["x"] * reply_tokens)  # reserves room for the reply in the context
-    return fit_passage(row["context"], row["question"], placeholder_reply, tokenizer, context, anchor=None)
-
-
 def grounded_squad_answers(model, tokenizer, rows: list[dict], settings: GroundedSettings) -> list[GroundedAnswer | None]:
     """Grounded answers to SQuAD rows; None for a question too long to fit the context with any passage."""
     answers = []
@@ -141,7 +134,7 @@ def best_f1(prediction: str, references: list[str]) -> float:
 
 
 def free_squad_answer(model, tokenizer, row: dict, max_new_tokens: int) -> str | None:
-    passage = squad_prompt_passage(row, tokenizer, int(model.config.n_positions), max_new_tokens)
+    passage = fit_to_context(row["context"], row["question"], tokenizer, max_new_tokens, int(model.config.n_positions))
     if passage is None:
         return None
     messages = [{"role": "user", "content": reading_comprehension_message(passage, row["question"])}]

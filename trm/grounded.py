@@ -172,9 +172,10 @@ def answer_from_passage(model, tokenizer, passage: str, question: str, settings:
                           prompt.index(span, char_start) - passage_start)
 
 
-def fit_to_context(passage: str, question: str, tokenizer, settings: GroundedSettings, context: int) -> str | None:
-    """The passage cut from its start so that prompt and reply fit the context; None if the question alone does not."""
-    placeholder_reply = " ".join(["x"] * reply_budget(tokenizer, settings))
+def fit_to_context(passage: str, question: str, tokenizer, reply_tokens: int, context: int) -> str | None:
+    """The passage cut from its start so that the prompt and a reply of `reply_tokens` fit the context; None if
+    the question alone does not leave that room."""
+    placeholder_reply = " ".join(["x"] * reply_tokens)
     return fit_passage(passage, question, placeholder_reply, tokenizer, context, anchor=None)
 
 
@@ -188,7 +189,7 @@ def answer_from_passages(model, tokenizer, passages: list[str], question: str,
     context = int(model.config.n_positions)
     best: tuple[int, GroundedAnswer] | None = None
     for position, passage in enumerate(passages):
-        fitted = fit_to_context(passage, question, tokenizer, settings, context)
+        fitted = fit_to_context(passage, question, tokenizer, reply_budget(tokenizer, settings), context)
         if fitted is None:
             return None
         answer = answer_from_passage(model, tokenizer, fitted, question, settings)
