@@ -35,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _hub_source(recipe: dict, index: PassageIndex, tokenizer, text_column: str) -> dict:
     from datasets import load_dataset
 
-    name, config = recipe["dataset_name"], recipe.get("dataset_config_name")
+    name, config = recipe.get("dataset_name"), recipe.get("dataset_config_name")
+    if not name:
+        raise DataError("the recipe names no corpus (train_file or dataset_name); pass files with --corpus (CORPUS=...).")
     try:
         dataset = load_dataset(name, config, split="train")
     except Exception as error:  # the datasets library raises many types for network/Hub failures
@@ -44,6 +46,15 @@ def _hub_source(recipe: dict, index: PassageIndex, tokenizer, text_column: str) 
     version = (len(dataset), 0)  # a Hub split has no mtime: its row count stands in
     return index.add_records(f"hub:{name}/{config}", version, lambda skipped: iter(dataset), tokenizer, text_column,
                              default_title=name)
+
+
+def _log(result: dict) -> None:
+    details = ""
+    if result["status"] == "indexed":
+        details = f": {result['passages']:,} passages added, {result['duplicates']:,} already in the index"
+        if result["skipped"]:
+            details += f" (skipped: {result['skipped'].describe()})"
+    logger.info("%s %s%s", result["source"], result["status"], details)
 
 
 def main(argv=None) -> dict:
@@ -55,17 +66,10 @@ def main(argv=None) -> dict:
     index = PassageIndex(args.index, create=True)
     results = []
     try:
-        if corpus:
-            results = [index.add_file(path, tokenizer, args.text_column) for path in corpus]
-        else:
-            results = [_hub_source(recipe, index, tokenizer, args.text_column)]
-        for result in results:
-            details = ""
-            if result["status"] == "indexed":
-                details = f": {result['passages']:,} passages added, {result['duplicates']:,} already in the index"
-                if result["skipped"]:
-                    details += f" (skipped: {result['skipped'].describe()})"
-            logger.info("%s %s%s", result["source"], result["status"], details)
+        for path in corpus or [None]:
+            results.append(index.add_file(path, tokenizer, args.text_column) if path
+                           else _hub_source(recipe, index, tokenizer, args.text_column))
+            _log(results[-1])
         logger.info("index %s holds %s passages", args.index, f"{len(index):,}")
     finally:
         index.close()

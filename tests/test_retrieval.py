@@ -137,3 +137,20 @@ def test_the_default_corpus_is_the_phase1_recipe_corpus(tmp_path):
     assert indexed["source"].endswith("wiki_sample.jsonl.gz") and indexed["passages"] > 1000
     index = PassageIndex(tmp_path / "index.sqlite")
     assert index.search("Alabama gubernatorial election 1942", 1)[0].title == "1942 Alabama gubernatorial election"
+
+
+def test_the_default_hub_corpus_is_indexed_through_load_dataset(tmp_path, monkeypatch):
+    import datasets
+
+    pages = [{"id": "1", "url": "u", "title": "Rhine", "text": "The Rhine is a river. It ends in the North Sea."}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: datasets.Dataset.from_list(pages))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data:\n  dataset_name: wikimedia/wikipedia\n  dataset_config_name: 20231101.simple\n")
+    index_path = tmp_path / "index.sqlite"
+    result = run_index.main(["--recipe", str(recipe), "--index", str(index_path)])["files"][0]
+    assert result["source"] == "hub:wikimedia/wikipedia/20231101.simple" and result["passages"] == 1
+    assert run_index.main(["--recipe", str(recipe), "--index", str(index_path)])["files"][0]["status"] == "unchanged, skipped"
+    assert PassageIndex(index_path).search("Where does the Rhine end?", 1)[0].title == "Rhine"
+    recipe.write_text("data:\n  max_train_tokens: 5\n")
+    with pytest.raises(DataError, match="names no corpus"):
+        run_index.main(["--recipe", str(recipe), "--index", str(index_path)])
