@@ -145,3 +145,15 @@ def test_a_block_size_beyond_the_context_is_refused_before_data_preparation(tmp_
     with pytest.raises(RuleViolation, match="block_size 1024 exceeds the model's context 64"):
         run_clm.main([str(recipe)])
     assert not (tmp_path / "cache").exists()
+
+
+def test_make_push_uploads_the_model_and_never_the_pickled_training_state():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from trm.hub import LOCAL_ONLY
+
+    files = ["config.json", "model.safetensors", "tokenizer.json", "README.md", "loss_curve.png", "grounding.json",
+             "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "notes.tmp", ".lock",
+             "run_settings.json", "log.csv", "checkpoint-40/model.safetensors", "runs/events.out", ".tmp-final-7/x"]
+    uploaded = set(filter_repo_objects(files, ignore_patterns=LOCAL_ONLY))
+    assert uploaded == {"config.json", "model.safetensors", "tokenizer.json", "README.md", "loss_curve.png", "grounding.json"}

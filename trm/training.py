@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import ctypes
 import ctypes.util
+import fcntl
 import json
 import logging
 import math
@@ -281,33 +282,39 @@ def refuse_resuming_a_finished_run(checkpoint: str, args) -> None:
 
 
 RESUME_SETTINGS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
-                   "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs", "seed")
+                   "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
 SETTINGS_FILE = "run_settings.json"
 _held_locks: dict[Path, object] = {}  # output_dir -> its open lock file, held until the process ends
+
+
+def _lock_output_dir(folder: Path) -> None:
+    """Hold `folder/.lock` until the process ends; a second run into the same folder is refused."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder in _held_locks:
+        return
+    lock = open(folder / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise FileExistsError(f"another run is writing to {folder}; wait for it to finish or choose another --output_dir.") from None
+    _held_locks[folder] = lock
 
 
 def claim_output_dir(args) -> str | None:
     """Lock `output_dir` for this run, choose the checkpoint to resume from, and say which changed settings a
     resumed run cannot honour (the optimizer and schedule come back from the checkpoint). Returns the checkpoint."""
-    import fcntl
-
     check_training_arguments(args)
+    folder = Path(args.output_dir).resolve()
+    main_process = int(os.environ.get("RANK", "0")) == 0  # several processes share one run: the first holds the lock
+    if main_process:
+        _lock_output_dir(folder)
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     refuse_foreign_output_dir(args.output_dir, resume)
     if resume:
         refuse_resuming_a_finished_run(resume, args)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return resume  # several processes share one run: the first one holds the lock and writes the settings
-    folder = Path(args.output_dir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    if folder not in _held_locks:
-        lock = open(folder / ".lock", "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise FileExistsError(f"another run is writing to {folder}; wait for it to finish or choose another --output_dir.") from None
-        _held_locks[folder] = lock
+    if not main_process:
+        return resume
     for stale in folder.glob(".tmp-final-*"):  # a final save killed midway; the lock says no other run owns it
         shutil.rmtree(stale, ignore_errors=True)
     current = {name: getattr(args, name) for name in RESUME_SETTINGS}
@@ -315,7 +322,7 @@ def claim_output_dir(args) -> str | None:
     if resume and stored_path.is_file():
         stored = json.loads(stored_path.read_text(encoding="utf-8"))
         changed = [f"{name} {stored[name]} -> {current[name]}" for name in RESUME_SETTINGS
-                   if name in stored and stored[name] != current[name] and name not in ("max_steps", "num_train_epochs")]
+                   if name in stored and stored[name] != current[name]]
         if changed:
             logger.warning("resume: the optimizer, learning-rate schedule and data order continue from %s, so these "
                            "changes are not applied: %s. Start a fresh --output_dir to use them.", resume, "; ".join(changed))
