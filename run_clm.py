@@ -20,7 +20,7 @@ from trm.cli import run_main
 from trm.recipe import parse_recipe
 from trm.training import (
     ModelArguments, collate_blocks, default_generation_config, claim_output_dir,
-    save_final_model, train_and_evaluate,
+    save_final_model, settle_precision, train_and_evaluate,
 )
 
 logger = logging.getLogger("run_clm")
@@ -38,13 +38,14 @@ def main(argv: list[str] | None = None) -> dict:
     rules.check_random_init(model_args.model_name_or_path, model_args.config_name)
     rules.check_tokenizer(model_args.tokenizer_name)
     rules.check_epochs(PHASE, training_args.num_train_epochs)
-    rules.check_device(training_args.use_cpu, training_args.bf16, training_args.fp16)
     model = build_model(model_args.config_name, seed=training_args.seed)
     if model.config.n_positions < data_args.block_size:
         raise rules.RuleViolation(f"block_size {data_args.block_size} exceeds the model's context {model.config.n_positions}.")
     resume = claim_output_dir(training_args)
+    precision = settle_precision(model_args, training_args, model, data_args.block_size)
 
-    datasets_, stats = prepare_pretraining_data(data_args, seed=training_args.seed)
+    with training_args.main_process_first(desc="data preparation"):  # once; the other processes read its cache
+        datasets_, stats = prepare_pretraining_data(data_args, seed=training_args.seed)
     logger.info("%s", describe_stats(stats))
     tokenizer = load_tokenizer(model_max_length=data_args.block_size)
     model.generation_config = default_generation_config(tokenizer)
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
             "epochs": f"{metrics.get('epoch', 0):.2f}",
             "learning rate": training_args.learning_rate,
             "batch (sequences per step)": metrics["examples_per_step"],
+            "precision": precision.description,
             "validation loss": f"{metrics['eval_loss']:.4f}",
             "validation perplexity": f"{metrics['eval_perplexity']:.2f}",
         },

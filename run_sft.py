@@ -19,7 +19,7 @@ from trm.cli import run_main
 from trm.generation import from_pretrained
 from trm.recipe import parse_recipe
 from trm.training import (
-    ModelArguments, default_generation_config, claim_output_dir, save_final_model,
+    ModelArguments, default_generation_config, claim_output_dir, save_final_model, settle_precision,
     train_and_evaluate,
 )
 
@@ -50,14 +50,15 @@ def main(argv: list[str] | None = None) -> dict:
     rules.check_no_retrieval_settings({**vars(model_args), **vars(data_args)})
     rules.check_tokenizer(model_args.tokenizer_name)
     rules.check_epochs(PHASE, training_args.num_train_epochs)
-    rules.check_device(training_args.use_cpu, training_args.bf16, training_args.fp16)
     model = load_phase1_model(model_args.model_name_or_path)
     resume = claim_output_dir(training_args)
+    precision = settle_precision(model_args, training_args, model, data_args.max_seq_length)
 
     tokenizer = load_tokenizer(model_max_length=data_args.max_seq_length)
     if model.config.n_positions < data_args.max_seq_length:
         raise rules.RuleViolation(f"max_seq_length {data_args.max_seq_length} exceeds the model's context {model.config.n_positions}.")
-    datasets_, report = prepare_sft_data(data_args, tokenizer, seed=training_args.seed)
+    with training_args.main_process_first(desc="data preparation"):  # once; the other processes read its cache
+        datasets_, report = prepare_sft_data(data_args, tokenizer, seed=training_args.seed)
     logger.info("%s", describe_mix(report))
     model.generation_config = default_generation_config(tokenizer)
     counts = parameter_counts(model)
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
             "parameters": f"{counts['total']:,}",
             "epochs": f"{metrics.get('epoch', 0):.2f}",
             "learning rate": training_args.learning_rate,
+            "precision": precision.description,
             "validation loss (reply tokens)": f"{metrics['eval_loss']:.4f}",
         },
     )

@@ -8,13 +8,16 @@ repetition so that machine noise hits all of them alike, each run in a fresh pro
 memory nor process settings carry over from one run to the next):
   (a) trm      - `TrmTrainer` configured as run_clm.py / run_sft.py configure it (chunked fused loss,
                  which in phase 2 also skips the output projection on prompt tokens; fused GELU kernel;
-                 fused AdamW; freed memory kept for reuse; length-grouped batches in phase 2);
+                 fused AdamW; freed memory kept for reuse; length-grouped batches in phase 2), in fp32;
+  (a') trm-bf16 - the same in bf16 autocast with fp32 weights (what `precision: auto` picks where it is
+                 faster), only on CPUs that report bf16 instructions;
   (b) default  - `Trainer` with default `TrainingArguments` on the CPU and the stock GPT2LMHeadModel loss,
                  as in Hugging Face's run_clm.py example (batch size set to the same value);
   (c) eager    - a plain PyTorch loop: stock loss, backward, torch.optim.AdamW.
 Before timing, (a) and (b) compute the loss of one batch from the same weights; they must agree within
-1e-4 (relative). Reported: median over repetitions of tokens/s (all timed steps of a repetition) (phase 2 counts non-padding tokens), achieved
-GFLOP/s against an fp32 matmul peak measured in the same run, peak RSS during each set-up, and ratios.
+1e-4 (relative). Reported: median over repetitions of tokens/s (all timed steps of a repetition; phase 2 counts
+non-padding tokens), achieved GFLOP/s against the fp32 (and bf16) matmul peaks measured in the same run, peak RSS
+during each set-up, and ratios.
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 
 from data.tokenizer import load_tokenizer  # noqa: E402
 from models.gpt2 import build_model  # noqa: E402
+from trm.precision import cpu_bf16_flags  # noqa: E402
 from trm.training import TrmTrainer, collate_blocks, keep_freed_memory_for_reuse  # noqa: E402
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
@@ -137,10 +141,10 @@ def trainer_run(kind: str, phase: int, dataset: Dataset, args: argparse.Namespac
     with tempfile.TemporaryDirectory() as output_dir:
         common = dict(output_dir=output_dir, use_cpu=True, per_device_train_batch_size=args.batch_size,
                       max_steps=args.steps + 1, report_to=[], disable_tqdm=True, save_strategy="no", logging_strategy="no")
-        if kind == "trm":
+        if kind.startswith("trm"):
             keep_freed_memory_for_reuse()
             training_args = TrainingArguments(
-                **common, optim="adamw_torch_fused", learning_rate=1e-3, weight_decay=0.1, adam_beta2=0.95,
+                **common, optim="adamw_torch_fused", bf16=kind == "trm-bf16", learning_rate=1e-3, weight_decay=0.1, adam_beta2=0.95,
                 lr_scheduler_type="cosine", include_num_input_tokens_seen=True, remove_unused_columns=False,
                 **({"train_sampling_strategy": "group_by_length"} if phase == 2 else {}),
             )
@@ -149,7 +153,7 @@ def trainer_run(kind: str, phase: int, dataset: Dataset, args: argparse.Namespac
             training_args = TrainingArguments(**common)
             trainer_class, extra = Trainer, {}
         collator = CountingCollator(phase, tokenizer)
-        train_data = dataset if (phase == 2 and kind == "trm") else dataset.remove_columns([c for c in dataset.column_names if c == "length"])
+        train_data = dataset if (phase == 2 and kind.startswith("trm")) else dataset.remove_columns([c for c in dataset.column_names if c == "length"])
         trainer = trainer_class(model=model, args=training_args, train_dataset=train_data, data_collator=collator,
                                 callbacks=[timer], **extra)
         with PeakRss() as rss:
@@ -215,7 +219,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", choices=["1", "2", "both"], default="both")
     parser.add_argument("--config_name", default="configs/gpt2-tiny.json")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=8, help="sequences per step (the recipes use 8)")
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per repetition (after one warm-up step)")
     parser.add_argument("--reps", type=int, default=3)
@@ -227,14 +231,20 @@ def main() -> None:
     model = build_model(args.config_name, seed=0)
     flops_per_token = training_flops_per_token(model, args.seq_len)
     peak = matmul_peak_gflops()
+    bf16_flags = cpu_bf16_flags()
+    bf16_peak = matmul_peak_gflops(torch.bfloat16) if bf16_flags else None
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s; {flops_per_token / 1e6:.0f} MFLOP per training token")
-    results = {"matmul_peak_gflops": peak, "flops_per_token": flops_per_token}
+          f"{torch.get_num_threads()} threads; {flops_per_token / 1e6:.0f} MFLOP per training token")
+    print(f"matmul peak: fp32 {peak:.0f} GFLOP/s; " + (
+        f"bf16 {bf16_peak:.0f} GFLOP/s (CPU reports {'/'.join(bf16_flags)})" if bf16_flags
+        else "bf16 not measured (the CPU reports no bf16 instructions, so TRM trains in fp32)"))
+    results = {"matmul_peak_gflops": peak, "bf16_matmul_peak_gflops": bf16_peak, "cpu_bf16_flags": bf16_flags,
+               "flops_per_token": flops_per_token}
     for phase in ([1, 2] if args.phase == "both" else [int(args.phase)]):
         dataset = benchmark_dataset(phase, args)
         mean_tokens = statistics.mean(len(x) for x in dataset["input_ids"])
         fast_loss, stock_loss = check_losses_match(phase, dataset, args, tokenizer)
-        runs = {"trm": [], "default": [], "eager": []}
+        runs = {"trm": [], **({"trm-bf16": []} if bf16_flags else {}), "default": [], "eager": []}
         memory = {kind: 0.0 for kind in runs}
         for _ in range(args.reps):
             for kind in runs:
@@ -246,12 +256,14 @@ def main() -> None:
         if phase == 2:
             print("(GFLOP/s counts the stock model's work per token; TRM skips the output projection on prompt tokens,\n"
                   " so its useful work per token is smaller and its column can exceed what the hardware did)")
-        print(f"{'set-up':<10} {'tokens/s':>10} {'GFLOP/s':>9} {'% peak':>7} {'peak RSS MB':>12} {'vs default':>11}")
-        base = statistics.median(runs["default"])
+        print(f"{'set-up':<10} {'tokens/s':>10} {'GFLOP/s':>9} {'% peak':>7} {'peak RSS MB':>12} {'vs default':>11} {'vs trm':>7}")
+        base, trm = statistics.median(runs["default"]), statistics.median(runs["trm"])
         for kind, speeds in runs.items():
             median = statistics.median(speeds)
             gflops = median * flops_per_token / 1e9
-            print(f"{kind:<10} {median:>10.0f} {gflops:>9.1f} {gflops / peak:>7.1%} {memory[kind]:>12.0f} {median / base:>10.2f}x")
+            kind_peak = bf16_peak if kind == "trm-bf16" else peak  # each against the peak of its own arithmetic
+            print(f"{kind:<10} {median:>10.0f} {gflops:>9.1f} {gflops / kind_peak:>7.1%} {memory[kind]:>12.0f} "
+                  f"{median / base:>10.2f}x {median / trm:>6.2f}x")
         results[f"phase{phase}"] = {k: {"tokens_per_second": statistics.median(v), "all": v, "peak_rss_mb": memory[k]} for k, v in runs.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

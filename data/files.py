@@ -185,7 +185,11 @@ def _parquet_records(path: Path) -> Iterator[dict]:
 
     with open_binary(path) as handle:
         table = pq.read_table(io.BytesIO(handle.read()))
-    yield from table.to_pylist()
+    try:
+        rows = table.to_pylist()
+    except UnicodeDecodeError as error:  # parquet's checksums are optional: damaged strings surface only here
+        raise DataError(f"{path}: a text column holds bytes that are not UTF-8 (at byte {error.start}): the file is corrupt.") from None
+    yield from rows
 
 
 def read_records(path: str | Path, skipped: SkipCounter, text_sample_by: str = "auto") -> Iterator[dict]:

@@ -11,7 +11,8 @@ Design decisions:
   softmax is its own gradient), so no logits outlive their chunk and nothing is recomputed. Positions
   without a label (phase-2 prompts, padding) are dropped before the projection, so they cost nothing
   there. It returns the same value and gradients as the stock loss (tests compare both) without
-  changing the model.
+  changing the model. Under bf16 autocast (`trm/precision.py`) its two vocabulary-sized products run in
+  bf16 with fp32 accumulation, while the softmax, the loss and the summed weight gradient stay fp32.
 - The MLP activation of GPT-2 (`gelu_new`) is the tanh approximation of GELU written as seven separate
   tensor operations; `use_fused_gelu` swaps it, for training, for PyTorch's single fused kernel of the
   same formula. The config (and so the saved model) keeps `gelu_new`.
@@ -60,13 +61,18 @@ def use_fused_gelu(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T` against valid `targets`; gradients computed in forward."""
+    """Summed cross-entropy of `hidden @ weight.T` against valid `targets`; gradients computed in forward.
+
+    The two vocabulary-sized products run in `product_dtype` (fp32, or bf16 under autocast, where the CPU's
+    matrix units accumulate in fp32); the softmax, the loss and the accumulated weight gradient stay fp32.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, normaliser, chunk_rows, compute_grads):
-        # The loss and its gradients are computed in fp32 whatever the model's dtype or autocast say.
+    def forward(ctx, hidden, weight, targets, normaliser, chunk_rows, compute_grads, product_dtype):
         with torch.autocast(hidden.device.type, enabled=False):
             hidden32, weight32 = hidden.float(), weight.float()
+            hidden_p, weight_p = hidden32.to(product_dtype), weight32.to(product_dtype)
+            in_fp32 = product_dtype == torch.float32
             loss_sum = hidden32.new_zeros(())
             grad_hidden = torch.empty_like(hidden32) if compute_grads else None
             grad_weight = torch.zeros_like(weight32) if compute_grads else None
@@ -74,13 +80,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # than the softmax itself. The logits are written vocabulary-major (`weight @ h.T`, then viewed
             # transposed): the same product runs ~1.5x faster than `h @ weight.T` (benchmarks/logits_layout.py).
             vocab = weight.shape[0]
-            buffer = hidden32.new_empty(min(chunk_rows, hidden.shape[0]) * vocab)
+            buffer_size = min(chunk_rows, hidden.shape[0]) * vocab
+            logits_buffer = hidden32.new_empty(buffer_size)
+            product_buffer = logits_buffer if in_fp32 else hidden_p.new_empty(buffer_size)
             for start in range(0, hidden.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                h, chunk_targets = hidden32[rows], targets[rows]
-                logits = torch.mm(weight32, h.t(), out=buffer[: h.shape[0] * vocab].view(vocab, h.shape[0])).t()
-                target_logits = logits.gather(1, chunk_targets[:, None])
-                max_logits = logits.amax(dim=1, keepdim=True)
+                h, chunk_targets, size = hidden32[rows], targets[rows], min(chunk_rows, hidden.shape[0] - start) * vocab
+                product = torch.mm(weight_p, hidden_p[rows].t(), out=product_buffer[:size].view(vocab, -1)).t()
+                target_logits = product.gather(1, chunk_targets[:, None]).float()
+                max_logits = product.amax(dim=1, keepdim=True).float()
+                logits = product if in_fp32 else logits_buffer[:size].view(vocab, -1).t().copy_(product)
                 exp_logits = logits.sub_(max_logits).exp_()
                 sum_exp = exp_logits.sum(dim=1, keepdim=True)
                 loss_sum += (sum_exp.log() + max_logits - target_logits).sum()
@@ -89,9 +98,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     # applied on the narrow side of each product (rows of `h`, of `grad_hidden`, of `weight`),
                     # so the chunk x vocabulary matrix is never rewritten for them.
                     row_scale = 1.0 / (sum_exp * normaliser)
-                    chunk_grad_hidden = torch.mm(exp_logits, weight32, out=grad_hidden[rows]).mul_(row_scale)
-                    chunk_grad_hidden.sub_(weight32[chunk_targets] / normaliser)
-                    grad_weight.addmm_(exp_logits.t(), h * row_scale)
+                    probs = exp_logits if in_fp32 else product.copy_(exp_logits)
+                    grad_hidden[rows] = torch.mm(probs, weight_p)
+                    grad_hidden[rows].mul_(row_scale).sub_(weight32[chunk_targets] / normaliser)
+                    scaled_h = (h * row_scale).to(product_dtype)
+                    if in_fp32:
+                        grad_weight.addmm_(probs.t(), scaled_h)
+                    else:  # summed over chunks in fp32
+                        grad_weight += torch.mm(probs.t(), scaled_h)
                     grad_weight.index_add_(0, chunk_targets, h / -normaliser)
         if compute_grads:
             ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
@@ -100,7 +114,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None
 
 
 def chunked_lm_loss(
@@ -111,8 +125,15 @@ def chunked_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
 ) -> torch.Tensor:
-    """The causal-LM loss of `model(input_ids, labels=labels)`, without materialising the full logits."""
-    hidden = model.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    """The causal-LM loss of `model(input_ids, labels=labels)`, without materialising the full logits.
+
+    `model` may be wrapped (DistributedDataParallel, as `.module`): its forward is called through the wrapper,
+    so the wrapper's gradient synchronisation sees the call.
+    """
+    no_positions = torch.empty(0, dtype=torch.long, device=input_ids.device)  # the model computes no logits itself
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                    logits_to_keep=no_positions, use_cache=False)
+    hidden = outputs.hidden_states[-1]  # after the final layer norm
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1)
     labelled = targets != IGNORE_INDEX
@@ -122,6 +143,9 @@ def chunked_lm_loss(
     # of the model's FLOPs at no change to the loss or its gradients.
     hidden, targets = hidden[labelled], targets[labelled]
     normaliser = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device).clamp(min=1)
-    weight = model.lm_head.weight
+    weight = getattr(model, "module", model).lm_head.weight
     compute_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, normaliser, chunk_rows, compute_grads)
+    device = hidden.device.type
+    in_bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+    product_dtype = torch.bfloat16 if in_bf16 else torch.float32
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, normaliser, chunk_rows, compute_grads, product_dtype)

@@ -163,7 +163,7 @@ def test_copying_probe_separates_a_model_that_copies_from_one_that_cannot():
             self.config, self.lm_head, self.device, self.training = inner.config, inner.lm_head, torch.device("cpu"), False
             self.inner = inner
 
-        def transformer(self, input_ids, attention_mask=None):
+        def forward(self, input_ids, attention_mask=None, **kwargs):
             wanted = torch.full_like(input_ids, EOS)
             for row in range(input_ids.shape[0]):
                 last_seen = {}
@@ -173,7 +173,7 @@ def test_copying_probe_separates_a_model_that_copies_from_one_that_cannot():
                         wanted[row, t] = input_ids[row, last_seen[token] + 1]
                     last_seen[token] = t
             hidden = 1e4 * torch.nn.functional.normalize(self.lm_head.weight[wanted], dim=-1)
-            return type("Output", (), {"last_hidden_state": hidden})()
+            return type("Output", (), {"hidden_states": (hidden,)})()
 
         def eval(self):
             return self

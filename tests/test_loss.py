@@ -112,3 +112,30 @@ def test_fused_gelu_computes_the_same_function_and_the_saved_config_is_unchanged
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path)
     assert reloaded.config.activation_function == "gelu_new"
     assert type(reloaded.transformer.h[0].mlp.act).__name__ == "NewGELUActivation"
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 4096])
+def test_chunked_loss_under_bf16_autocast_matches_the_fp32_loss_within_bf16_tolerance(chunk_rows):
+    model = _model()
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, 50257, (3, 40))
+    labels = input_ids.clone()
+    labels[1, :20] = -100
+
+    def loss_and_grads(bf16: bool, chunked: bool):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = chunked_lm_loss(model, input_ids, labels, chunk_rows=chunk_rows) if chunked else model(
+                input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fp32_loss, fp32_grads = loss_and_grads(bf16=False, chunked=False)
+    stock_bf16_loss, _ = loss_and_grads(bf16=True, chunked=False)
+    bf16_loss, bf16_grads = loss_and_grads(bf16=True, chunked=True)
+    assert bf16_loss.dtype == torch.float32
+    assert bf16_loss != fp32_loss  # the products really ran in bf16
+    assert torch.allclose(bf16_loss, fp32_loss, rtol=2e-3) and torch.allclose(bf16_loss, stock_bf16_loss, rtol=2e-3)
+    for name, grad in bf16_grads.items():
+        assert grad.dtype == torch.float32
+        assert (grad - fp32_grads[name]).norm() <= 0.03 * fp32_grads[name].norm(), name

@@ -75,7 +75,7 @@ def test_tokenizer_retrieval_and_device_rules():
     with pytest.raises(rules.RuleViolation, match="retrieval"):
         rules.check_plain_text_record({"text": "x", "ctxs": []}, "f")
     with pytest.raises(rules.RuleViolation, match="bf16"):
-        rules.check_device(use_cpu=True, bf16=True, fp16=False)
+        rules.check_device(use_cpu=True, precision="bf16", cpu_bf16_flags=[])
 
 
 @pytest.mark.parametrize("record,kind", [

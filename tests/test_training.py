@@ -18,7 +18,8 @@ from conftest import write_recipe
 
 def _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path, **training):
     return write_recipe(tmp_path / "phase1.yaml", {
-        "model": {"config_name": str(tiny_config_path), "sample_prompts": ["The river"], "sample_max_new_tokens": 5},
+        "model": {"config_name": str(tiny_config_path), "sample_prompts": ["The river"], "sample_max_new_tokens": 5,
+                  "precision": "fp32"},  # `auto` times this machine: runs compared with each other need one arithmetic
         "data": {"train_file": [str(wiki_jsonl)], "block_size": 32, "validation_split_percentage": 10.0,
                  "data_cache_dir": str(tmp_path / "cache"), "preprocessing_num_workers": 1, "min_document_chars": 20},
         "training": {
@@ -50,6 +51,7 @@ def test_phase1_learns_saves_and_reloads(phase1_model):
     assert all("eval_copy_loss" in record for record in history if "eval_loss" in record)
     config = json.loads((output_dir / "config.json").read_text())
     assert config["n_ctx"] == config["n_positions"] == 64
+    assert "| precision | fp32 |" in (output_dir / "README.md").read_text()
 
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
@@ -103,7 +105,7 @@ def _sft_recipe(tmp_path, model_dir):
     dialogues = tmp_path / "dialogues_train.txt"
     dialogues.write_text("".join(f"Hello , I am {i} . __eou__ Nice to meet you ! __eou__\n" for i in range(60)))
     return write_recipe(tmp_path / "phase2.yaml", {
-        "model": {"model_name_or_path": str(model_dir)},
+        "model": {"model_name_or_path": str(model_dir), "precision": "fp32"},
         "data": {"alpaca_file": str(alpaca), "dailydialog_file": str(dialogues), "validation_split_percentage": 10.0,
                  "max_seq_length": 64},
         "training": {

@@ -4,7 +4,8 @@
 2. No retrieval (RAG) data is mixed into training, in either phase.
 3. Phase 1 starts from random weights: no pretrained model may be loaded.
 4. The GPT-2 tokenizer, never retrained.
-5. CPU only by default: a GPU is used only when a recipe sets `use_cpu: false`.
+5. CPU only by default: a GPU is used only when a recipe sets `use_cpu: false`. (Not a user rule, but checked
+   here too: half precision on a CPU that would run it far slower than fp32.)
 6. Epoch caps: at most 3 epochs in phase 1 and 2 in phase 2, also when `max_steps` is given.
 
 Every check raises `RuleViolation` with one sentence naming the rule and what broke it; the entry points
@@ -122,9 +123,13 @@ def check_step_budget(phase: str, max_steps: int, examples_per_step: int, train_
         )
 
 
-def check_device(use_cpu: bool, bf16: bool, fp16: bool) -> None:
-    if use_cpu and (bf16 or fp16):
+def check_device(use_cpu: bool, precision: str, cpu_bf16_flags: list[str]) -> None:
+    """Half precision on the CPU only where it is fast: bf16 on CPUs with bf16 instructions, fp16 never."""
+    if use_cpu and precision == "fp16":
+        raise RuleViolation("fp16 was asked for on the CPU, where it is much slower than fp32; "
+                            "use precision: auto (bf16 where the CPU has bf16 units), or use_cpu: false for a GPU.")
+    if use_cpu and precision == "bf16" and not cpu_bf16_flags:
         raise RuleViolation(
-            "bf16/fp16 were asked for on the CPU: desktop CPUs without bf16 hardware run them ~100x slower; "
-            "train in fp32 on the CPU, or set use_cpu: false to use a GPU."
+            "bf16 was asked for on a CPU without bf16 instructions (AVX512-BF16, AMX or Arm BF16), where it runs "
+            "~100x slower than fp32; use precision: fp32 or auto, or use_cpu: false for a GPU."
         )

@@ -44,6 +44,7 @@ from models.gpt2 import chunked_lm_loss, use_fused_gelu
 from trm import rules
 from trm.evaluation import copying_loss
 from trm.generation import SamplingSettings
+from trm.precision import PRECISIONS, PrecisionChoice, choose_precision, cpu_bf16_flags
 from trm.recipe import RecipeError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Model directory to start from (phase 2)."})
     tokenizer_name: str | None = field(default="gpt2", metadata={"help": "Always the GPT-2 tokenizer."})
     loss_chunk_rows: int = field(default=256, metadata={"help": "Rows per chunk of the fused loss; 0 = stock loss."})
+    precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (autocast, fp32 weights); auto times both here."})
     early_stopping_patience: int = field(default=3, metadata={"help": "Evaluations without improvement before stopping."})
     sample_prompts: list[str] = field(default_factory=list, metadata={"help": "Texts continued at each evaluation."})
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Length of the sample generations."})
@@ -80,16 +82,22 @@ class TrmTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_chunk_rows <= 0 or return_outputs:
-            outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-            return (outputs.loss, outputs) if return_outputs else outputs.loss
-        return chunked_lm_loss(
-            self.accelerator.unwrap_model(model),
-            inputs["input_ids"],
-            inputs["labels"],
-            attention_mask=inputs.get("attention_mask"),
-            num_items_in_batch=num_items_in_batch,
-            chunk_rows=self.loss_chunk_rows,
-        )
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The prepared model's forward carries the Trainer's autocast; the loss's output projection runs outside it.
+        with self.accelerator.autocast():
+            loss = chunked_lm_loss(
+                model,
+                inputs["input_ids"],
+                inputs["labels"],
+                attention_mask=inputs.get("attention_mask"),
+                num_items_in_batch=num_items_in_batch,
+                chunk_rows=self.loss_chunk_rows,
+            )
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # `num_items_in_batch` counts the label tokens of every process, and gradients are averaged over
+            # processes: scaled back as the Trainer's own loss is, N processes train exactly as one would.
+            loss = loss * self.accelerator.num_processes
+        return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # The stock prediction step always asks for the outputs, i.e. the full logits; evaluation needs the loss only.
@@ -268,6 +276,25 @@ def check_training_arguments(args) -> None:
                           "add --load_best_model_at_end false.")
 
 
+def settle_precision(model_args: ModelArguments, training_args, model, block_size: int) -> PrecisionChoice:
+    """Refuse a precision this machine cannot run fast, then choose one and set it on `training_args`."""
+    setting = model_args.precision
+    if setting not in PRECISIONS:
+        raise RecipeError(f"precision={setting!r}: choose one of {', '.join(PRECISIONS)}.")
+    if training_args.bf16 or training_args.fp16:  # TrainingArguments' own flags, as in Hugging Face's scripts
+        asked = "bf16" if training_args.bf16 else "fp16"
+        if setting not in ("auto", asked):
+            raise RecipeError(f"--{asked} true and precision: {setting} contradict each other; keep one.")
+        setting = asked
+    rules.check_device(training_args.use_cpu, setting, cpu_bf16_flags())
+    choice = choose_precision(setting, training_args.use_cpu, model, training_args.per_device_train_batch_size, block_size)
+    logger.info("precision: %s (%s)", choice.description, choice.reason)
+    if choice.dtype == "bf16":
+        # `mixed_precision` is what the Trainer hands to accelerate; TrainingArguments derives it once, at creation.
+        training_args.bf16, training_args.mixed_precision = True, "bf16"
+    return choice
+
+
 def refuse_resuming_a_finished_run(checkpoint: str, args) -> None:
     """Resuming at or past the last step would train one more step and log it twice: say the run is done."""
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
@@ -381,7 +408,9 @@ def write_model_card(path: Path, title: str, description: str, facts: dict) -> N
 
 
 def save_final_model(trainer: Trainer, output_dir: str, card_title: str, card_description: str, card_facts: dict) -> None:
-    """Write the Hub-format model directory atomically (per file) into `output_dir`."""
+    """Write the Hub-format model directory atomically (per file) into `output_dir`, from the main process only."""
+    if not trainer.is_world_process_zero():
+        return
     final = Path(output_dir)
     staging = final / f".tmp-final-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
