@@ -9,7 +9,9 @@ Every recipe key and every `TrainingArguments` field can be overridden on the co
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+from huggingface_hub import EvalResult
 from transformers import TrainingArguments
 
 from data.pretraining import PretrainingDataArguments, describe_stats, prepare_pretraining_data
@@ -17,6 +19,7 @@ from data.tokenizer import load_tokenizer
 from models.gpt2 import build_model, parameter_counts
 from trm import rules
 from trm.cli import run_main
+from trm.model_card import build_card
 from trm.recipe import parse_recipe
 from trm.training import (
     ModelArguments, collate_blocks, default_generation_config, claim_output_dir,
@@ -58,16 +61,18 @@ def main(argv: list[str] | None = None) -> dict:
         PHASE, model, tokenizer, training_args, model_args, datasets_["train"], datasets_["validation"],
         collate_blocks, resume,
     )
-    save_final_model(
-        trainer,
-        training_args.output_dir,
-        card_title="TRM phase 1: GPT-2 pretrained from scratch",
-        card_description=(
+    local_files = [Path(name).name for name in data_args.train_file or []]
+    hub_datasets = [] if local_files else [data_args.dataset_name]
+    held_out = dict(task_type="text-generation", dataset_type=data_args.dataset_name if hub_datasets else "local-text",
+                    dataset_name="held-out validation split of the training text", dataset_split="validation")
+    card = build_card(
+        title="TRM phase 1: GPT-2 pretrained from scratch",
+        description=(
             "A small GPT-2 (`GPT2LMHeadModel`) trained from random weights by causal language modelling on plain "
             "text, with the unchanged GPT-2 tokenizer. Trained with TRM (`run_clm.py`)."
         ),
-        card_facts={
-            "data": stats["source"],
+        facts={
+            "data": ", ".join(local_files) if local_files else f"{data_args.dataset_name} ({data_args.dataset_config_name})",
             "training tokens (per epoch)": f"{stats['train']['tokens']:,}",
             "parameters": f"{counts['total']:,} ({counts['non_embedding']:,} non-embedding)",
             "context length": data_args.block_size,
@@ -78,7 +83,11 @@ def main(argv: list[str] | None = None) -> dict:
             "validation loss": f"{metrics['eval_loss']:.4f}",
             "validation perplexity": f"{metrics['eval_perplexity']:.2f}",
         },
+        datasets=hub_datasets, unknown_sources=bool(local_files), from_scratch=True,
+        results=[EvalResult(**held_out, metric_type="loss", metric_value=round(metrics["eval_loss"], 4)),
+                 EvalResult(**held_out, metric_type="perplexity", metric_value=round(metrics["eval_perplexity"], 2))],
     )
+    save_final_model(trainer, training_args.output_dir, card)
     logger.info("model saved to %s (validation perplexity %.2f)", training_args.output_dir, metrics["eval_perplexity"])
     return metrics
 

@@ -23,6 +23,7 @@ from trm.evaluation import (
     blocks_perplexity, calibrate_no_answer, copying_loss, instruction_evaluation, squad_evaluation, text_blocks,
 )
 from trm.grounded import GroundedSettings
+from trm.model_card import add_results, evaluation_results
 from trm.recipe import RecipeError
 from trm.generation import load_model
 
@@ -112,7 +113,7 @@ def main(argv=None) -> dict:
             grounded = GroundedSettings.for_model(args.model_name_or_path, no_answer_threshold=args.no_answer_threshold,
                                                   prior_weight=args.prior_weight, allow_no_answer=key == "squad_v2.0")
             scores = squad_evaluation(model, tokenizer, path, args.limit, decoding, grounded)
-            report[f"{key} {decoding}"] = scores
+            report[f"{key} {decoding}"] = {**scores, "file": Path(path).name}
             write_json_atomically(report_path, report)
             for name in ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "total"):
                 if name in scores:
@@ -135,6 +136,11 @@ def main(argv=None) -> dict:
         print(f"{name:<20} {metric:<16} {value:>12}")
     write_json_atomically(report_path, report)
     print(f"\nreport: {report_path}")
+    try:
+        if add_results(args.model_name_or_path, evaluation_results(report)):
+            print(f"results added to the model card: {Path(args.model_name_or_path) / 'README.md'}")
+    except OSError as error:
+        print(f"the model card was not updated ({error.strerror}: {error.filename}).")
     return report
 
 

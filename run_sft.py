@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from huggingface_hub import EvalResult
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments
 
+from data.instruction_sources import HUB_DATASETS
 from data.sft import SftDataArguments, describe_mix, prepare_sft_data
 from data.tokenizer import load_tokenizer
 from models.gpt2 import parameter_counts
 from trm import rules
 from trm.cli import run_main
+from trm.model_card import base_model_datasets, build_card
 from trm.generation import from_pretrained
 from trm.recipe import parse_recipe
 from trm.training import (
@@ -68,16 +71,16 @@ def main(argv: list[str] | None = None) -> dict:
         DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt"), resume,
     )
     mix = ", ".join(f"{s} {r['train']['examples']:,}" for s, r in report.items())
-    save_final_model(
-        trainer,
-        training_args.output_dir,
-        card_title="TRM phase 2: instruction-tuned GPT-2",
-        card_description=(
+    phase1_datasets, phase1_unknown = base_model_datasets(model_args.model_name_or_path)
+    tuned_on = [HUB_DATASETS[source][0] for source in report if source in HUB_DATASETS]
+    card = build_card(
+        title="TRM phase 2: instruction-tuned GPT-2",
+        description=(
             "The phase-1 TRM model tuned on instructions, reading comprehension and dialogue, with the loss on "
-            "reply tokens only. Prompt format (also the tokenizer's chat template): `User: ...\\nAssistant: ...<|endoftext|>`."
+            "reply tokens only. Prompt format (also the tokenizer's chat template): `User: ...\nAssistant: ...<|endoftext|>`."
         ),
-        card_facts={
-            "started from": model_args.model_name_or_path,
+        facts={
+            "started from": model_args.base_model_id or "a TRM phase-1 model",
             "training examples": mix,
             "parameters": f"{counts['total']:,}",
             "epochs": f"{metrics.get('epoch', 0):.2f}",
@@ -85,7 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
             "precision": precision.description,
             "validation loss (reply tokens)": f"{metrics['eval_loss']:.4f}",
         },
+        datasets=list(dict.fromkeys(phase1_datasets + tuned_on)), unknown_sources=phase1_unknown or "chat" in report,
+        results=[EvalResult(task_type="text-generation", dataset_type="trm-phase2-mix", dataset_name=f"held-out examples ({mix})",
+                            dataset_split="validation", metric_type="loss", metric_value=round(metrics["eval_loss"], 4))],
+        from_scratch=False, base_model=model_args.base_model_id,
     )
+    save_final_model(trainer, training_args.output_dir, card)
     logger.info("model saved to %s", training_args.output_dir)
     return metrics
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.prompt_format import NO_ANSWER_REPLY  # noqa: E402
 from run_eval import write_json_atomically  # noqa: E402
-from trm.evaluation import free_squad_answer, best_f1, grounded_squad_answers, squad_rows  # noqa: E402
+from trm.evaluation import free_squad_answer, best_f1, grounded_squad_answers, squad_questions  # noqa: E402
 from trm.generation import load_model  # noqa: E402
 from trm.grounded import GroundedSettings, calibrate_no_answer_threshold  # noqa: E402
 from trm.metrics.squad.squad import exact_match  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
         answer = grounded_squad_answers(model, tokenizer, [row], GroundedSettings(**{**vars(settings), "allow_no_answer": allow_no_answer}))[0]
         return answer
 
-    rows = squad_rows(args.squad_file, args.limit)
+    rows = squad_questions(args.squad_file, args.limit)
     free_predictions, free_seconds = timed(free, rows)
     grounded_answers, grounded_seconds = timed(lambda row: grounded(row, False), rows)
     report["v1.1"] = {"free": {**scores(free_predictions, rows), "seconds_per_question": free_seconds},
@@ -82,7 +82,7 @@ def main() -> None:
     table += [("SQuAD v1.1", "free (greedy)", report["v1.1"]["free"]), ("SQuAD v1.1", "grounded (always a span)", report["v1.1"]["grounded"])]
 
     if not args.v1_only:
-        rows = squad_rows(args.squad_v2_file, args.limit)
+        rows = squad_questions(args.squad_v2_file, args.limit)
         free_predictions, free_seconds = timed(free, rows)
         answers, grounded_seconds = timed(lambda row: grounded(row, True), rows)
         kept = [(a, r) for a, r in zip(answers, rows) if a is not None]

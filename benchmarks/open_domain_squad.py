@@ -26,7 +26,7 @@ from data.cleaning import clean_text  # noqa: E402
 from data.files import load_json_document  # noqa: E402
 from data.passages import split_passages  # noqa: E402
 from run_eval import write_json_atomically  # noqa: E402
-from trm.evaluation import best_f1, squad_rows  # noqa: E402
+from trm.evaluation import best_f1, squad_questions  # noqa: E402
 from trm.generation import load_model  # noqa: E402
 from trm.grounded import GroundedSettings, answer_from_passages  # noqa: E402
 from trm.metrics.squad.squad import exact_match  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> None:
     print(index_squad_articles(index, args.squad_file, tokenizer)["status"], args.squad_file, f"- {len(index):,} passages", flush=True)
     settings = GroundedSettings.for_model(args.model_name_or_path)
 
-    rows = squad_rows(args.squad_file, args.limit)
+    rows = squad_questions(args.squad_file, args.limit)
     hits_1 = hits_k = answer_hits = 0
     totals = {name: [0.0, 0.0] for name in CHOOSERS}
     search_seconds = answer_seconds = 0.0

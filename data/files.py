@@ -162,11 +162,21 @@ def load_json_document(path: str | Path):
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not valid UTF-8 at byte {error.start}.") from None
     except json.JSONDecodeError as error:
+        if error.msg == "Extra data" and error.lineno > 1 and error.colno == 1:
+            raise JsonLinesInJsonFile(f"{path}: one JSON value per line (JSON lines), not one JSON document.") from None
         raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}).") from None
 
 
+class JsonLinesInJsonFile(DataError):
+    """A `.json` file holding JSON lines, as `datasets.Dataset.to_json` writes them."""
+
+
 def _json_records(path: Path, skipped: SkipCounter) -> Iterator[dict]:
-    document = load_json_document(path)
+    try:
+        document = load_json_document(path)
+    except JsonLinesInJsonFile:
+        yield from _json_lines(path, skipped)
+        return
     if isinstance(document, dict):
         # A single object (e.g. SQuAD's {"version", "data"}) is handed on whole for the caller to recognise.
         yield document

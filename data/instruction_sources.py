@@ -7,6 +7,8 @@ Design decisions:
   same split, so no passage is seen in training and validation both.
 - A malformed record is skipped and counted in the source's `SkipCounter` with its reason; it never
   crashes the run and is never silently lost.
+- SQuAD is read in its official nested JSON or in the Hub's flat layout (the Hub, or a local parquet / JSON /
+  JSON-lines export of `rajpurkar/squad(_v2)`), by one reader shared with evaluation.
 - SQuAD records keep their passage, question and answer position, because the passage may need to be
   windowed to fit the context (`data.sft`); the conversation is built there with the shared prompt
   helpers. SQuAD v2.0 questions without an answer get `NO_ANSWER_REPLY`.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from data.files import DataError, SkipCounter, load_json_document, read_records
+from data.files import DataError, SkipCounter, read_records
 from data.prompt_format import validate_messages
 from trm import rules
 
@@ -92,17 +94,31 @@ def squad_rows_from_official(document: dict, path: str) -> Iterator[dict]:
                 yield {"title": article.get("title", ""), "context": context, **(qa if isinstance(qa, dict) else {})}
 
 
-def _squad_rows_from_hub(dataset) -> Iterator[dict]:
-    for row in dataset:
-        answers = [{"text": t, "answer_start": s} for t, s in zip(row["answers"]["text"], row["answers"]["answer_start"])]
-        yield {**row, "answers": answers, "is_impossible": not answers}
+def _hub_layout_answers(row: dict) -> dict:
+    """A row in the Hub's flat layout (`answers: {text: [...], answer_start: [...]}`) in the official one."""
+    answers = row.get("answers")
+    if not isinstance(answers, dict):
+        return row
+    texts, starts = answers.get("text") or [], answers.get("answer_start") or []
+    listed = [{"text": text, "answer_start": start} for text, start in zip(texts, starts)]
+    return {**row, "answers": listed, "is_impossible": not listed}
+
+
+def squad_rows(path: str, skipped: SkipCounter, source: str = "squad") -> Iterator[dict]:
+    """Rows of a SQuAD file: the official nested JSON, or flat rows in the Hub's layout (the Hub itself, or a
+    local parquet / JSON / JSON-lines export of it)."""
+    records = _load_hub(source) if path == "hub" else read_records(path, skipped)
+    for record in records:
+        if isinstance(record.get("data"), list):
+            yield from squad_rows_from_official(record, path)
+        else:
+            yield _hub_layout_answers(record)
 
 
 def load_squad(path: str, skipped: SkipCounter, version: str) -> Iterator[Conversation]:
     """SQuAD v1.1 / v2.0 in the official nested JSON layout, or the Hub's flat rows."""
     source = "squad_v2" if version == "2.0" else "squad"
-    rows = _squad_rows_from_hub(_load_hub(source)) if path == "hub" else squad_rows_from_official(load_json_document(path), path)
-    for row in rows:
+    for row in squad_rows(path, skipped, source):
         context, question = _text(row.get("context")), _text(row.get("question"))
         answers = [a for a in row.get("answers") or [] if isinstance(a, dict) and _text(a.get("text"))]
         impossible = bool(row.get("is_impossible", False))

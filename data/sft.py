@@ -41,10 +41,10 @@ IGNORE_INDEX = -100
 class SftDataArguments:
     """Phase-2 sources (a local path, `hub`, or empty to leave a source out) and how they are mixed."""
 
-    alpaca_file: str | None = field(default=None, metadata={"help": "Alpaca JSON list, or 'hub' for tatsu-lab/alpaca."})
-    squad_file: str | None = field(default=None, metadata={"help": "SQuAD v1.1 official JSON, or 'hub'."})
-    squad_v2_file: str | None = field(default=None, metadata={"help": "SQuAD v2.0 official JSON, or 'hub'."})
-    dailydialog_file: str | None = field(default=None, metadata={"help": "DailyDialog dialogues_*.txt, or 'hub'."})
+    alpaca_file: str | None = field(default=None, metadata={"help": "Alpaca JSON list (or a parquet/JSONL export of tatsu-lab/alpaca), or 'hub'."})
+    squad_file: str | None = field(default=None, metadata={"help": "SQuAD v1.1 official JSON (or a parquet/JSONL export of rajpurkar/squad), or 'hub'."})
+    squad_v2_file: str | None = field(default=None, metadata={"help": "SQuAD v2.0 official JSON (or a parquet/JSONL export of rajpurkar/squad_v2), or 'hub'."})
+    dailydialog_file: str | None = field(default=None, metadata={"help": "DailyDialog dialogues_*.txt (or rows with a dialog list), or 'hub'."})
     chat_file: str | None = field(default=None, metadata={"help": "Chat JSONL with a 'messages' list per line."})
     alpaca_max_examples: int | None = field(default=20_000, metadata={"help": "Training cap for Alpaca."})
     squad_max_examples: int | None = field(default=10_000, metadata={"help": "Training cap for SQuAD v1.1."})

@@ -160,3 +160,43 @@ def test_a_cap_is_filled_with_examples_that_fit_and_a_source_with_none_is_an_err
     alpaca.write_text(json.dumps([{**r, "output": long_reply} for r in records]))
     with pytest.raises(DataError, match="alpaca: none of its .* training examples fits the 256-token context"):
         prepare_sft_data(args, tokenizer)
+
+
+@pytest.mark.parametrize("export", ["parquet", "jsonl", "json"])
+def test_local_exports_in_the_hub_layout_read_like_the_original_formats(tmp_path, tokenizer, export):
+    """`datasets.Dataset.to_parquet` / `to_json` (JSON lines, also when named .json) exports of the Hub datasets."""
+    from datasets import Dataset
+
+    from trm.evaluation import squad_questions
+
+    context = PASSAGE + "Their leader was Rollo."
+    squad_v2 = [
+        {"id": "1", "title": "Normans", "context": context, "question": "Who was their leader?",
+         "answers": {"text": ["Rollo"], "answer_start": [context.index("Rollo")]}},
+        {"id": "2", "title": "Normans", "context": context, "question": "Who was their queen?",
+         "answers": {"text": [], "answer_start": []}},
+        {"id": "3", "title": "Normans", "context": context, "question": "", "answers": {"text": [], "answer_start": []}},
+    ]
+    alpaca = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}", "text": f"### Instruction: Say {i}."} for i in range(40)]
+    dialogues = [{"dialog": [f"Hello , I am {i} .", "Nice to meet you !"], "act": [1, 2], "emotion": [0, 0]} for i in range(40)]
+
+    def export_rows(name, rows):
+        path = tmp_path / f"{name}.{export}"
+        dataset = Dataset.from_list(rows)
+        dataset.to_parquet(str(path)) if export == "parquet" else dataset.to_json(str(path))
+        return path
+
+    v2, skipped = _load("squad_v2", export_rows("squad_v2", squad_v2))
+    assert [(c.question, c.answers, c.answer_start) for c in v2] == [
+        ("Who was their leader?", ["Rollo"], context.index("Rollo")), ("Who was their queen?", [], None)]
+    assert skipped == {"questions without a passage or question text": 1}
+    v1, skipped = _load("squad", export_rows("squad_v1", squad_v2[:1]))
+    assert [c.answers for c in v1] == [["Rollo"]] and not skipped
+    assert [q["answers"] for q in squad_questions(str(tmp_path / f"squad_v2.{export}"), None)] == [["Rollo"], []]
+
+    args = SftDataArguments(alpaca_file=str(export_rows("alpaca", alpaca)), squad_file=str(tmp_path / f"squad_v1.{export}"),
+                            squad_v2_file=str(tmp_path / f"squad_v2.{export}"),
+                            dailydialog_file=str(export_rows("dailydialog", dialogues)), validation_split_percentage=10.0)
+    _, report = prepare_sft_data(args, tokenizer)
+    assert all(report[source]["train"]["examples"] + report[source]["validation"]["examples"] > 0
+               for source in ("alpaca", "squad", "squad_v2", "dailydialog")), report

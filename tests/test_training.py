@@ -51,7 +51,13 @@ def test_phase1_learns_saves_and_reloads(phase1_model):
     assert all("eval_copy_loss" in record for record in history if "eval_loss" in record)
     config = json.loads((output_dir / "config.json").read_text())
     assert config["n_ctx"] == config["n_positions"] == 64
-    assert "| precision | fp32 |" in (output_dir / "README.md").read_text()
+    card = (output_dir / "README.md").read_text()
+    assert "| precision | fp32 |" in card and str(output_dir.parent) not in card  # no local paths in a card
+    from huggingface_hub import ModelCard
+
+    card_data = ModelCard.load(output_dir / "README.md").data
+    assert card_data.license == "other" and "trained-from-scratch" in card_data.tags  # local text of unknown origin
+    assert {r.metric_type for r in card_data.eval_results} == {"loss", "perplexity"}
 
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
@@ -137,6 +143,12 @@ def test_phase2_tunes_the_phase1_model_and_refuses_bad_configs(phase1_model, tmp
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     messages = [{"role": "user", "content": "Say the number 7."}]
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "User: Say the number 7.\nAssistant:"
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.datasets == ["tatsu-lab/alpaca", "li2017dailydialog/daily_dialog"]
+    assert card.data.license == "other" and "trained-from-scratch" not in card.data.tags  # phase 1 read unknown local text
+    assert str(tmp_path) not in card.content
 
 
 def test_phase1_stops_early_when_validation_loss_stops_improving(tmp_path, wiki_jsonl, tiny_config_path):

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from data.cleaning import clean_text
-from data.files import DataError, SkipCounter, load_json_document, read_records
-from data.instruction_sources import squad_rows_from_official
+from data.files import DataError, SkipCounter, read_records
+from data.instruction_sources import squad_rows
 from data.prompt_format import ASSISTANT_PREFIX, NO_ANSWER_REPLY, USER_PREFIX, reading_comprehension_message
 from models.gpt2 import chunked_lm_loss
 from trm.generation import SamplingSettings, fit_history, generate_reply
@@ -109,9 +109,9 @@ def text_blocks(paths: list[str], tokenizer, block_size: int, limit: int | None)
     return [b for b in blocks if len(b) > 1], {"documents": documents, "skipped": dict(skipped)}
 
 
-def squad_rows(path: str, limit: int | None) -> list[dict]:
+def squad_questions(path: str, limit: int | None) -> list[dict]:
     rows = []
-    for row in squad_rows_from_official(load_json_document(path), path):
+    for row in squad_rows(path, SkipCounter()):
         if row.get("context") and row.get("question"):
             rows.append({"id": row.get("id"), "title": row.get("title", ""), "context": row["context"], "question": row["question"],
                          "answers": [a["text"] for a in row.get("answers") or [] if isinstance(a, dict) and a.get("text")]})
@@ -147,7 +147,7 @@ def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: s
     """SQuAD EM/F1 of free greedy generation or of grounded span decoding (`trm.grounded`)."""
     import evaluate
 
-    rows = squad_rows(path, limit)
+    rows = squad_questions(path, limit)
     if decoding == "grounded":
         answers = grounded_squad_answers(model, tokenizer, rows, grounded or GroundedSettings())
         replies = [None if a is None else a.answer for a in answers]
@@ -163,7 +163,7 @@ def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: s
 
 def calibrate_no_answer(model, tokenizer, path: str, limit: int | None, settings: GroundedSettings) -> dict:
     """Grounded answers on a SQuAD v2.0 file, then the no-answer threshold that maximises their F1."""
-    rows = squad_rows(path, limit)
+    rows = squad_questions(path, limit)
     answers = grounded_squad_answers(model, tokenizer, rows, settings)
     scored = [(a, row) for a, row in zip(answers, rows) if a is not None]
     if not any(row["answers"] for _, row in scored) or all(row["answers"] for _, row in scored):

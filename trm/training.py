@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard
 from transformers import GenerationConfig, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
@@ -44,6 +45,7 @@ from models.gpt2 import chunked_lm_loss, use_fused_gelu
 from trm import rules
 from trm.evaluation import copying_loss
 from trm.generation import SamplingSettings
+from trm.model_card import write_card
 from trm.precision import PRECISIONS, PrecisionChoice, choose_precision, cpu_bf16_flags
 from trm.recipe import RecipeError
 
@@ -57,6 +59,7 @@ class ModelArguments:
 
     config_name: str | None = field(default="configs/gpt2-tiny.json", metadata={"help": "GPT2Config JSON (phase 1)."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Model directory to start from (phase 2)."})
+    base_model_id: str | None = field(default=None, metadata={"help": "Hub id of that model, if published: the card's base_model."})
     tokenizer_name: str | None = field(default="gpt2", metadata={"help": "Always the GPT-2 tokenizer."})
     loss_chunk_rows: int = field(default=256, metadata={"help": "Rows per chunk of the fused loss; 0 = stock loss."})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (autocast, fp32 weights); auto times both here."})
@@ -397,17 +400,7 @@ def plot_loss_curve(log_history: list[dict], path: str | Path, title: str) -> No
     os.replace(tmp, path)
 
 
-def write_model_card(path: Path, title: str, description: str, facts: dict) -> None:
-    lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "language: en", "tags: [gpt2, trm]", "---",
-        f"# {title}", "", description, "", "| | |", "|---|---|",
-    ]
-    lines += [f"| {key} | {value} |" for key, value in facts.items()]
-    lines += ["", "![loss curve](loss_curve.png)", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
-
-
-def save_final_model(trainer: Trainer, output_dir: str, card_title: str, card_description: str, card_facts: dict) -> None:
+def save_final_model(trainer: Trainer, output_dir: str, card: ModelCard) -> None:
     """Write the Hub-format model directory atomically (per file) into `output_dir`, from the main process only."""
     if not trainer.is_world_process_zero():
         return
@@ -416,8 +409,8 @@ def save_final_model(trainer: Trainer, output_dir: str, card_title: str, card_de
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     trainer.save_model(str(staging))
-    plot_loss_curve(trainer.state.log_history, staging / "loss_curve.png", card_title)
-    write_model_card(staging / "README.md", card_title, card_description, card_facts)
+    plot_loss_curve(trainer.state.log_history, staging / "loss_curve.png", card.data.model_name)
+    write_card(card, staging / "README.md")
     (staging / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     (staging / "training_args.bin").unlink(missing_ok=True)  # pickled; the recipe and log.csv say the same
     for item in staging.iterdir():
