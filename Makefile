@@ -12,8 +12,11 @@ MODEL         ?= outputs/phase2
 PHASE1_MODEL  ?= outputs/phase1
 INDEX         ?= cache/index.sqlite
 CORPUS        ?=
+# Training processes on this machine (torchrun; gloo on the CPU, nccl on GPUs). 1 = a plain python process.
+NPROC         ?= 1
+TRAIN         := $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC),$(PY))
 
-.PHONY: venv test quickstart pretrain sft eval generate chat index ask push bench clean
+.PHONY: venv test quickstart pretrain sft full-recipe eval generate chat index ask push bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +30,13 @@ test: venv
 	$(PY) -m pytest -q
 
 pretrain: venv
-	$(PY) run_clm.py recipes/phase1_pretraining.yaml $(ARGS)
+	$(TRAIN) run_clm.py recipes/phase1_pretraining.yaml $(ARGS)
 
 sft: venv
-	$(PY) run_sft.py recipes/phase2_instruction_tuning.yaml --model_name_or_path $(PHASE1_MODEL) $(ARGS)
+	$(TRAIN) run_sft.py recipes/phase2_instruction_tuning.yaml --model_name_or_path $(PHASE1_MODEL) $(ARGS)
+
+full-recipe: venv
+	$(PY) run_full_recipe.py $(if $(SQUAD),--squad_file $(SQUAD)) $(if $(SQUAD_V2),--squad_v2_file $(SQUAD_V2)) $(ARGS)
 
 eval: venv
 	$(PY) run_eval.py $(MODEL) $(if $(TEXT),--text_file $(TEXT)) $(if $(SQUAD),--squad_file $(SQUAD)) \

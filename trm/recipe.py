@@ -81,6 +81,6 @@ def parse_recipe(
         names = {field for field in dtype.__dataclass_fields__ if dtype.__dataclass_fields__[field].init}
         values = {name: value for name, value in vars(parsed).items() if name in names}
         # `--KEY null` on the command line means what `KEY: null` means in YAML.
-        values = {name: None if value in ("null", "None", "none") else value for name, value in values.items()}
+        values = {name: None if value in ("null", "None") else value for name, value in values.items()}  # "none" is report_to's own word
         outputs.append(dtype(**values))
     return tuple(outputs)

@@ -1,0 +1,49 @@
+"""`make full-recipe` with tiny limits: every stage runs, the report holds every number, a rerun redoes nothing."""
+
+import json
+
+import run_full_recipe
+
+
+
+def _squad(path, count):
+    paragraphs = []
+    for i in range(count):
+        context = f"The town of Vel{i} lies on the river Ora. Its mayor is Anna{i}."
+        paragraphs.append({"context": context, "qas": [
+            {"id": f"{i}a", "question": f"Who is the mayor of Vel{i}?", "answers": [{"text": f"Anna{i}", "answer_start": context.index("Anna")}]},
+            {"id": f"{i}b", "question": f"Who founded Vel{i}?", "answers": [], "is_impossible": True}]})
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "Towns", "paragraphs": paragraphs}]}))
+    return path
+
+
+def test_full_recipe_runs_every_stage_writes_the_report_and_resumes_without_redoing(tmp_path, wiki_jsonl, tiny_config_path, capsys):
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}"} for i in range(80)]))
+    dialogues = tmp_path / "dialogues.txt"
+    dialogues.write_text("".join(f"Hello , I am {i} . __eou__ Nice to meet you ! __eou__\n" for i in range(40)))
+    squad_train, squad_test = _squad(tmp_path / "train-v2.0.json", 30), _squad(tmp_path / "test-v2.0.json", 4)
+    common = "--precision fp32 --report_to none --disable_tqdm true --logging_steps 2 --eval_steps 3 --save_steps 3 --max_steps 6"
+    argv = [
+        "--output_dir", str(tmp_path / "full"), "--eval_limit", "4",
+        "--squad_file", str(squad_test), "--squad_v2_file", str(squad_test),
+        "--phase1_args", f"--config_name {tiny_config_path} --train_file {wiki_jsonl} --block_size 32 --min_document_chars 20 "
+                         f"--validation_split_percentage 10 --data_cache_dir {tmp_path / 'cache'} {common}",
+        "--phase2_args", f"--alpaca_file {alpaca} --dailydialog_file {dialogues} --squad_v2_file {squad_train} "
+                         f"--squad_file {squad_train} --max_seq_length 64 --validation_split_percentage 20 "
+                         f"--per_device_train_batch_size 4 {common}",
+    ]
+    report = run_full_recipe.main(argv)
+    phase1, phase2 = report["phase1"], report["phase2"]
+    assert 0 < phase1["tokens_seen"] <= 6 * 8 * 4 * 32 and phase1["validation_loss"] < 11 and phase1["bits_per_byte"] > 0
+    assert phase1["copying"]["copy_loss"] > 0 and phase1["wall_s"] > 0 and phase1["tokens_per_second"] > 0
+    assert phase2["validation_loss"] > 0 and 0 <= phase2["instructions"]["ended_by_itself"] <= 1
+    assert set(report["squad"]) == {"squad_v1.1 free", "squad_v1.1 grounded", "squad_v2.0 free", "squad_v2.0 grounded"}
+    markdown = (tmp_path / "full" / "report.md").read_text()
+    assert "held-out bits per byte" in markdown and "squad_v2.0 grounded" in markdown
+    assert json.loads((tmp_path / "full" / "report.json").read_text()) == json.loads(json.dumps(report))
+
+    capsys.readouterr()
+    again = run_full_recipe.main(argv)
+    assert "$ " not in capsys.readouterr().out  # every stage was done: nothing ran again
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(report))

@@ -1,0 +1,168 @@
+"""The whole recipe in one command: phase 1, its evaluation, phase 2, its evaluation, one report.
+
+Design decisions:
+- Each stage is the command a user would type (`run_clm.py`, `run_eval.py`, `run_sft.py`), run as a child
+  process: the stages share nothing in memory, a GPU run is the same command with `--use_cpu false`, and
+  what the report says can be reproduced stage by stage.
+- Resumable at every stage: a training stage is done once its final model directory holds
+  `training_log.json` (written last, atomically); until then it is started again with `--resume`, which
+  continues from its newest complete checkpoint. An evaluation stage is done once its report is stored in
+  `<output_dir>/stages/`. Running the same command again skips what is done.
+- The report (`report.json` and `report.md` in `output_dir`) holds held-out loss and bits per byte, the
+  copying probe, SQuAD v1.1 / v2.0 (free and grounded decoding), the share of replies that end by
+  themselves, and each phase's tokens/s and wall time. Numbers come from the stages' own logs and
+  reports, never recomputed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainingArguments
+
+from data.pretraining import PretrainingDataArguments, prepare_pretraining_data
+from trm.recipe import parse_recipe
+from trm.training import ModelArguments
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class FullRecipe:
+    output_dir: Path
+    phase1_recipe: str = "recipes/phase1_pretraining.yaml"
+    phase2_recipe: str = "recipes/phase2_instruction_tuning.yaml"
+    phase1_args: list[str] = field(default_factory=list)
+    phase2_args: list[str] = field(default_factory=list)
+    squad_file: str | None = None
+    squad_v2_file: str | None = None
+    eval_limit: int | None = None
+
+    @property
+    def phase1_dir(self) -> Path:
+        return self.output_dir / "phase1"
+
+    @property
+    def phase2_dir(self) -> Path:
+        return self.output_dir / "phase2"
+
+
+def _run(command: list[str]) -> float:
+    """Run one stage as a child process; its wall time in seconds. A failing stage stops the recipe."""
+    print("$", shlex.join(command), flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"stage failed (exit status {result.returncode}): {shlex.join(command)}; "
+                         "fix the cause and run the same command again to continue from there.")
+    return time.perf_counter() - start
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _train(script: str, recipe: str, output: Path, extra: list[str], stages: Path) -> dict:
+    """A training stage (skipped when its model is complete); returns its log summary and wall time."""
+    timing = stages / f"{output.name}_time.json"
+    if not (output / "training_log.json").is_file():
+        seconds = _run([sys.executable, script, recipe, *extra, "--output_dir", str(output), "--resume"])
+        previous = json.loads(timing.read_text())["wall_seconds"] if timing.is_file() else 0.0
+        _write_json(timing, {"wall_seconds": previous + seconds})
+    history = json.loads((output / "training_log.json").read_text(encoding="utf-8"))
+    summary = next((r for r in reversed(history) if "train_runtime" in r and "train_loss" in r), {})
+    evaluation = next((r for r in reversed(history) if "eval_loss" in r), {})
+    tokens = summary.get("num_input_tokens_seen") or evaluation.get("num_input_tokens_seen")
+    return {
+        "validation_loss": evaluation.get("eval_loss"), "copy_loss": evaluation.get("eval_copy_loss"),
+        "steps": summary.get("step"), "epochs": summary.get("epoch"), "tokens_seen": tokens,
+        "train_runtime_s": summary.get("train_runtime"),
+        "tokens_per_second": tokens / summary["train_runtime"] if tokens and summary.get("train_runtime") else None,
+        "wall_s": json.loads(timing.read_text())["wall_seconds"] if timing.is_file() else None,
+        "eval_curve": [(r.get("num_input_tokens_seen"), r["eval_loss"]) for r in history if "eval_loss" in r],
+    }
+
+
+def _evaluate(name: str, model: Path, arguments: list[str], stages: Path) -> dict:
+    """An evaluation stage (skipped when its report is stored)."""
+    stored = stages / f"{name}.json"
+    if not stored.is_file():
+        report_path = stages / f"{name}.running.json"
+        seconds = _run([sys.executable, "run_eval.py", str(model), *arguments, "--report", str(report_path)])
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        _write_json(stored, {**report, "wall_s": seconds})
+        report_path.unlink()
+    return json.loads(stored.read_text(encoding="utf-8"))
+
+
+def prepared_validation_dir(recipe: FullRecipe) -> str:
+    """The folder of phase 1's prepared data (its validation split is the held-out text)."""
+    _, data_args, training_args = parse_recipe(
+        (ModelArguments, PretrainingDataArguments, TrainingArguments),
+        [recipe.phase1_recipe, *recipe.phase1_args, "--output_dir", str(recipe.phase1_dir)])
+    _, stats = prepare_pretraining_data(data_args, seed=training_args.seed)  # the cached data: nothing is redone
+    return stats["from_cache"]
+
+
+def run(recipe: FullRecipe) -> dict:
+    stages = recipe.output_dir / "stages"
+    limit = ["--limit", str(recipe.eval_limit)] if recipe.eval_limit else []
+    report: dict = {"phase1": _train("run_clm.py", recipe.phase1_recipe, recipe.phase1_dir, recipe.phase1_args, stages)}
+    phase1_eval = _evaluate("phase1_eval", recipe.phase1_dir, ["--prepared_dir", prepared_validation_dir(recipe), *limit], stages)
+    report["phase1"].update(bits_per_byte=phase1_eval["prepared"]["bits_per_byte"],
+                            held_out_loss=phase1_eval["prepared"]["loss"], held_out_tokens=phase1_eval["prepared"]["tokens"],
+                            copying=phase1_eval["copying"])
+
+    phase2_args = ["--model_name_or_path", str(recipe.phase1_dir), *recipe.phase2_args]
+    report["phase2"] = _train("run_sft.py", recipe.phase2_recipe, recipe.phase2_dir, phase2_args, stages)
+    squad = [*(["--squad_file", recipe.squad_file] if recipe.squad_file else []),
+             *(["--squad_v2_file", recipe.squad_v2_file] if recipe.squad_v2_file else [])]
+    phase2_eval = _evaluate("phase2_eval", recipe.phase2_dir, [*squad, "--instructions_file", str(default_instructions()), *limit], stages)
+    report["phase2"].update(copying=phase2_eval["copying"], instructions={
+        key: phase2_eval["instructions"][key] for key in ("ended_by_itself", "in_format", "instructions")})
+    report["squad"] = {key: {k: v for k, v in value.items() if k != "examples"}
+                       for key, value in phase2_eval.items() if key.startswith("squad_")}
+    _write_json(recipe.output_dir / "report.json", report)
+    markdown = render_markdown(report)
+    (recipe.output_dir / "report.md").write_text(markdown, encoding="utf-8")
+    print(markdown)
+    return report
+
+
+def default_instructions() -> Path:
+    return ROOT / "data" / "samples" / "eval_instructions.txt"
+
+
+def _number(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def render_markdown(report: dict) -> str:
+    phase1, phase2 = report["phase1"], report["phase2"]
+    rows = [
+        ("phase 1", "validation loss (nats/token)", _number(phase1["validation_loss"])),
+        ("phase 1", "held-out bits per byte", _number(phase1["bits_per_byte"], 4)),
+        ("phase 1", "copy probe: random / repeated tokens", f"{phase1['copying']['random_loss']:.2f} / {phase1['copying']['copy_loss']:.2f}"),
+        ("phase 1", "tokens trained", f"{phase1['tokens_seen']:,}" if phase1["tokens_seen"] else "-"),
+        ("phase 1", "tokens/s (training)", _number(phase1["tokens_per_second"], 0)),
+        ("phase 1", "wall time (s)", _number(phase1["wall_s"], 0)),
+        ("phase 2", "validation loss (reply tokens)", _number(phase2["validation_loss"])),
+        ("phase 2", "replies ending by themselves", f"{phase2['instructions']['ended_by_itself']:.1%}"),
+        ("phase 2", "tokens/s (training)", _number(phase2["tokens_per_second"], 0)),
+        ("phase 2", "wall time (s)", _number(phase2["wall_s"], 0)),
+    ]
+    for key, scores in report["squad"].items():
+        metrics = ["exact", "f1"] + [m for m in ("HasAns_f1", "NoAns_f1") if m in scores]
+        rows.append((key, ", ".join(metrics), " / ".join(f"{scores[m]:.1f}" for m in metrics)))
+    lines = ["| stage | measure | value |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"
