@@ -16,7 +16,7 @@ CORPUS        ?=
 NPROC         ?= 1
 TRAIN         := $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC),$(PY))
 
-.PHONY: venv test quickstart pretrain sft full-recipe eval generate chat index ask push bench clean
+.PHONY: venv test quickstart pretrain sft full-recipe eval generate chat index ask push export-gguf bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,9 @@ ask: venv
 push: venv
 	@test -n "$(HUB_ID)" || (echo "usage: make push MODEL=DIR HUB_ID=user/name" && exit 2)
 	$(PY) -m trm.hub $(MODEL) $(HUB_ID)
+
+export-gguf: venv
+	$(PY) -m trm.gguf_export $(MODEL) --outtype $(or $(QUANT),q8_0) $(ARGS)
 
 bench: venv
 	$(PY) benchmarks/train_throughput.py $(ARGS)
