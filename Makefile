@@ -16,7 +16,7 @@ CORPUS        ?=
 NPROC         ?= 1
 TRAIN         := $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC),$(PY))
 
-.PHONY: venv test quickstart pretrain sft full-recipe eval generate chat index ask push export-gguf bench clean
+.PHONY: venv test quickstart pretrain sft full-recipe eval generate chat serve index ask push export-gguf bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ generate: venv
 
 chat: venv
 	$(PY) run_chat.py $(MODEL) $(ARGS)
+
+serve: venv
+	$(PY) run_serve.py $(MODEL) $(ARGS)
 
 index: venv
 	$(PY) run_index.py --index $(INDEX) $(if $(CORPUS),--corpus $(CORPUS)) $(ARGS)
