@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         title="TRM phase 2: instruction-tuned GPT-2",
         description=(
             "The phase-1 TRM model tuned on instructions, reading comprehension and dialogue, with the loss on "
-            "reply tokens only. Prompt format (also the tokenizer's chat template): `User: ...\nAssistant: ...<|endoftext|>`."
+            "reply tokens only. Prompt format (also the tokenizer's chat template): `User: ...\\nAssistant: ...<|endoftext|>`."
         ),
         facts={
             "started from": model_args.base_model_id or "a TRM phase-1 model",

@@ -5,6 +5,13 @@ Design decisions:
   (same value and gradients as the stock loss, much less memory traffic; `loss_chunk_rows: 0` restores
   the stock loss), the MLP activation runs as one fused kernel (`models.gpt2.use_fused_gelu`), evaluation computes that loss without ever building the full logits, and each log line
   gains tokens/s and, for evaluations, perplexity.
+- Several processes (torchrun) train as one: the chunked loss calls the model through its DDP wrapper, so
+  gradients are synchronised, and it is scaled as the Trainer scales its own loss (`num_items_in_batch`
+  counts the label tokens of every process). Data is prepared under `main_process_first`, and only the
+  first process locks the output directory and writes the final model, card and logs.
+- `settle_precision` applies `precision: auto|fp32|bf16` (`trm/precision.py`) before any data is prepared;
+  under bf16 the loss runs inside the Trainer's autocast, because its output projection is outside the
+  model's forward.
 - Callbacks, not a custom loop: early stopping (`EarlyStoppingCallback`), sample generations at each
   evaluation, a CSV copy of the logs, and Ctrl-C, which asks the Trainer to save a checkpoint and stop
   at the end of the current step (a second Ctrl-C aborts at once).
