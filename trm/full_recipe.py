@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from transformers import TrainingArguments
 
@@ -65,11 +66,15 @@ def _run(command: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    _write_text(path, json.dumps(payload, indent=2))
 
 
 def _train(script: str, recipe: str, output: Path, extra: list[str], stages: Path) -> dict:
@@ -93,12 +98,12 @@ def _train(script: str, recipe: str, output: Path, extra: list[str], stages: Pat
     }
 
 
-def _evaluate(name: str, model: Path, arguments: list[str], stages: Path) -> dict:
-    """An evaluation stage (skipped when its report is stored)."""
+def _evaluate(name: str, model: Path, arguments: Callable[[], list[str]], stages: Path) -> dict:
+    """An evaluation stage (skipped when its report is stored; its arguments are only worked out when it runs)."""
     stored = stages / f"{name}.json"
     if not stored.is_file():
         report_path = stages / f"{name}.running.json"
-        seconds = _run([sys.executable, "run_eval.py", str(model), *arguments, "--report", str(report_path)])
+        seconds = _run([sys.executable, "run_eval.py", str(model), *arguments(), "--report", str(report_path)])
         report = json.loads(report_path.read_text(encoding="utf-8"))
         _write_json(stored, {**report, "wall_s": seconds})
         report_path.unlink()
@@ -118,7 +123,8 @@ def run(recipe: FullRecipe) -> dict:
     stages = recipe.output_dir / "stages"
     limit = ["--limit", str(recipe.eval_limit)] if recipe.eval_limit else []
     report: dict = {"phase1": _train("run_clm.py", recipe.phase1_recipe, recipe.phase1_dir, recipe.phase1_args, stages)}
-    phase1_eval = _evaluate("phase1_eval", recipe.phase1_dir, ["--prepared_dir", prepared_validation_dir(recipe), *limit], stages)
+    phase1_eval = _evaluate("phase1_eval", recipe.phase1_dir,
+                            lambda: ["--prepared_dir", prepared_validation_dir(recipe), *limit], stages)
     report["phase1"].update(bits_per_byte=phase1_eval["prepared"]["bits_per_byte"],
                             held_out_loss=phase1_eval["prepared"]["loss"], held_out_tokens=phase1_eval["prepared"]["tokens"],
                             copying=phase1_eval["copying"])
@@ -127,14 +133,15 @@ def run(recipe: FullRecipe) -> dict:
     report["phase2"] = _train("run_sft.py", recipe.phase2_recipe, recipe.phase2_dir, phase2_args, stages)
     squad = [*(["--squad_file", recipe.squad_file] if recipe.squad_file else []),
              *(["--squad_v2_file", recipe.squad_v2_file] if recipe.squad_v2_file else [])]
-    phase2_eval = _evaluate("phase2_eval", recipe.phase2_dir, [*squad, "--instructions_file", str(default_instructions()), *limit], stages)
+    phase2_eval = _evaluate("phase2_eval", recipe.phase2_dir,
+                            lambda: [*squad, "--instructions_file", str(default_instructions()), *limit], stages)
     report["phase2"].update(copying=phase2_eval["copying"], instructions={
         key: phase2_eval["instructions"][key] for key in ("ended_by_itself", "in_format", "instructions")})
     report["squad"] = {key: {k: v for k, v in value.items() if k != "examples"}
                        for key, value in phase2_eval.items() if key.startswith("squad_")}
     _write_json(recipe.output_dir / "report.json", report)
     markdown = render_markdown(report)
-    (recipe.output_dir / "report.md").write_text(markdown, encoding="utf-8")
+    _write_text(recipe.output_dir / "report.md", markdown)
     print(markdown)
     return report
 
