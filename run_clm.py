@@ -22,7 +22,7 @@ from trm.cli import run_main
 from trm.model_card import build_card
 from trm.recipe import parse_recipe
 from trm.training import (
-    ModelArguments, collate_blocks, default_generation_config, claim_output_dir,
+    ModelArguments, collate_blocks, collate_documents, default_generation_config, claim_output_dir,
     save_final_model, settle_precision, train_and_evaluate,
 )
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     trainer, metrics = train_and_evaluate(
         PHASE, model, tokenizer, training_args, model_args, datasets_["train"], datasets_["validation"],
-        collate_blocks, resume,
+        collate_documents if model_args.document_attention else collate_blocks, resume,
     )
     local_files = [Path(name).name for name in data_args.train_file or []]
     hub_datasets = [] if local_files else [data_args.dataset_name]

@@ -64,12 +64,17 @@ def main(argv: list[str] | None = None) -> dict:
         datasets_, report = prepare_sft_data(data_args, tokenizer, seed=training_args.seed)
     logger.info("%s", describe_mix(report))
     model.generation_config = default_generation_config(tokenizer)
+    model.config.squad_layout = data_args.squad_layout  # evaluation and chat lay passages out as the model learned
     counts = parameter_counts(model)
+    validation = datasets_["validation"].remove_columns(["length"])
     trainer, metrics = train_and_evaluate(
         PHASE, model, tokenizer, training_args, model_args, datasets_["train"].remove_columns(["source"]),
-        datasets_["validation"].remove_columns(["source", "length"]),
-        DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt"), resume,
+        validation.remove_columns(["source"]), DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt"), resume,
     )
+    for source in report:  # which sources the model learned, not only the mix's average
+        held_out = validation.filter(lambda row: row["source"] == source).remove_columns(["source"])
+        if len(held_out):
+            metrics.update(trainer.evaluate(eval_dataset=held_out, metric_key_prefix=f"eval_{source}"))
     mix = ", ".join(f"{s} {r['train']['examples']:,}" for s, r in report.items())
     phase1_datasets, phase1_unknown = base_model_datasets(model_args.model_name_or_path)
     tuned_on = [HUB_DATASETS[source][0] for source in report if source in HUB_DATASETS]
@@ -87,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
             "learning rate": training_args.learning_rate,
             "precision": precision.description,
             "validation loss (reply tokens)": f"{metrics['eval_loss']:.4f}",
+            "per source": ", ".join(f"{s} {metrics[f'eval_{s}_loss']:.3f}" for s in report if f"eval_{s}_loss" in metrics),
+            "reading-comprehension layout": data_args.squad_layout,
         },
         datasets=list(dict.fromkeys(phase1_datasets + tuned_on)), unknown_sources=phase1_unknown or "chat" in report,
         results=[EvalResult(task_type="text-generation", dataset_type="trm-phase2-mix", dataset_name=f"held-out examples ({mix})",

@@ -85,11 +85,26 @@ def generation_prompt(messages: Iterable[dict]) -> str:
     return render(messages, add_generation_prompt=True)[0]
 
 
-# Reading comprehension (SQuAD) uses one user-message layout and one fixed reply for questions the
-# passage cannot answer (SQuAD v2.0), in training and in evaluation alike.
+# Reading comprehension (SQuAD) uses one fixed reply for questions the passage cannot answer (SQuAD v2.0),
+# and a user-message layout that a model keeps in its config (`squad_layout`), so training, evaluation and
+# grounded decoding lay a passage out the way that model learned it. `passage_first` is the original one;
+# `question_first` also puts the question before the passage, so under causal attention the passage is
+# read knowing the question, and repeats it after.
 NO_ANSWER_REPLY = "The passage does not contain the answer to this question."
 PASSAGE_LABEL = "Passage: "
+SQUAD_LAYOUTS = ("passage_first", "question_first")
+DEFAULT_SQUAD_LAYOUT = "passage_first"
 
 
-def reading_comprehension_message(passage: str, question: str) -> str:
-    return f"Answer the question using the passage.\n\n{PASSAGE_LABEL}{passage.strip()}\n\nQuestion: {question.strip()}"
+def reading_comprehension_message(passage: str, question: str, layout: str = DEFAULT_SQUAD_LAYOUT) -> str:
+    if layout not in SQUAD_LAYOUTS:
+        raise ValueError(f"squad_layout must be one of {', '.join(SQUAD_LAYOUTS)}, got {layout!r}")
+    body = f"{PASSAGE_LABEL}{passage.strip()}\n\nQuestion: {question.strip()}"
+    if layout == "question_first":
+        body = f"Question: {question.strip()}\n\n{body}"
+    return f"Answer the question using the passage.\n\n{body}"
+
+
+def squad_layout_of(model) -> str:
+    """The reading-comprehension layout `model` was tuned with (models from before the setting: `passage_first`)."""
+    return getattr(model.config, "squad_layout", DEFAULT_SQUAD_LAYOUT)

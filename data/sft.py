@@ -30,7 +30,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from data.files import DataError, SkipCounter
 from data.instruction_sources import Conversation, load_source
-from data.prompt_format import NO_ANSWER_REPLY, reading_comprehension_message, render
+from data.prompt_format import DEFAULT_SQUAD_LAYOUT, NO_ANSWER_REPLY, SQUAD_LAYOUTS, reading_comprehension_message, render
 
 logger = logging.getLogger(__name__)
 SOURCES = ("alpaca", "squad", "squad_v2", "dailydialog", "chat")
@@ -54,6 +54,8 @@ class SftDataArguments:
     validation_split_percentage: float = field(default=5.0, metadata={"help": "Share of groups held out per source."})
     validation_max_examples: int = field(default=200, metadata={"help": "Validation cap per source."})
     max_seq_length: int = field(default=256, metadata={"help": "Tokens per example (the context length)."})
+    squad_layout: str = field(default=DEFAULT_SQUAD_LAYOUT, metadata={"help": f"Reading-comprehension prompt layout: {' | '.join(SQUAD_LAYOUTS)}; stored with the model."})
+    squad_v2_drop_v1_duplicates: bool = field(default=False, metadata={"help": "Leave out SQuAD v2.0 questions that SQuAD v1.1 also has (its answerable ones)."})
 
 
 def _hash_fraction(key: str) -> float:
@@ -71,10 +73,11 @@ def encode_messages(messages: list[dict], tokenizer) -> tuple[list[int], list[in
     return encoding["input_ids"], labels
 
 
-def fit_passage(passage: str, question: str, reply: str, tokenizer, max_length: int, anchor: int | None) -> str | None:
+def fit_passage(passage: str, question: str, reply: str, tokenizer, max_length: int, anchor: int | None,
+                layout: str = DEFAULT_SQUAD_LAYOUT) -> str | None:
     """The longest window of `passage` (around character `anchor`, else from the start) that fits with the question and reply."""
     def length(text: str) -> int:
-        messages = [{"role": "user", "content": reading_comprehension_message(text, question)}, {"role": "assistant", "content": reply}]
+        messages = [{"role": "user", "content": reading_comprehension_message(text, question, layout)}, {"role": "assistant", "content": reply}]
         return len(tokenizer(render(messages)[0], add_special_tokens=False)["input_ids"])
 
     if length(passage) <= max_length:
@@ -96,16 +99,16 @@ def fit_passage(passage: str, question: str, reply: str, tokenizer, max_length: 
     return None
 
 
-def _reply_and_passage(conversation: Conversation, tokenizer, max_length: int, counts: SkipCounter) -> list[dict] | None:
+def _reply_and_passage(conversation: Conversation, tokenizer, max_length: int, counts: SkipCounter, layout: str) -> list[dict] | None:
     reply = conversation.answers[0] if conversation.answers else NO_ANSWER_REPLY
-    passage = fit_passage(conversation.passage, conversation.question, reply, tokenizer, max_length, conversation.answer_start)
+    passage = fit_passage(conversation.passage, conversation.question, reply, tokenizer, max_length, conversation.answer_start, layout)
     if passage is None:
         counts["dropped: question and answer alone exceed the context"] += 1
         return None
     if passage != conversation.passage:
         counts["shortened: passage windowed around the answer"] += 1
     return [
-        {"role": "user", "content": reading_comprehension_message(passage, conversation.question)},
+        {"role": "user", "content": reading_comprehension_message(passage, conversation.question, layout)},
         {"role": "assistant", "content": reply},
     ]
 
@@ -123,10 +126,11 @@ def _fit_dialogue(messages: list[dict], tokenizer, max_length: int, counts: Skip
     return None
 
 
-def encode_conversation(conversation: Conversation, tokenizer, max_length: int, counts: SkipCounter) -> dict | None:
+def encode_conversation(conversation: Conversation, tokenizer, max_length: int, counts: SkipCounter,
+                        layout: str = DEFAULT_SQUAD_LAYOUT) -> dict | None:
     messages = conversation.messages
     if conversation.passage is not None:
-        messages = _reply_and_passage(conversation, tokenizer, max_length, counts)
+        messages = _reply_and_passage(conversation, tokenizer, max_length, counts, layout)
         if messages is None:
             return None
     fitted = _fit_dialogue(messages, tokenizer, max_length, counts)
@@ -153,12 +157,22 @@ def prepare_sft_data(args: SftDataArguments, tokenizer, seed: int = 42) -> tuple
     sources = {s: getattr(args, f"{s}_file") for s in SOURCES if getattr(args, f"{s}_file")}
     if not sources:
         raise DataError("no phase-2 source given; set at least one of " + ", ".join(f"{s}_file" for s in SOURCES) + ".")
+    if args.squad_layout not in SQUAD_LAYOUTS:
+        raise DataError(f"squad_layout must be one of {', '.join(SQUAD_LAYOUTS)}, got {args.squad_layout!r}.")
     rng = random.Random(seed)
     report: dict = {}
+    v1_questions: set[tuple[str, str]] = set()
     splits: dict[str, list[Dataset]] = defaultdict(list)
     for source, path in sources.items():
         counts = SkipCounter()
         conversations = list(load_source(source, path, counts))
+        if source == "squad":
+            v1_questions = {(c.passage, c.question) for c in conversations}
+        elif source == "squad_v2" and args.squad_v2_drop_v1_duplicates:
+            unique = [c for c in conversations if (c.passage, c.question) not in v1_questions]
+            if len(unique) < len(conversations):
+                counts["left out: question also in SQuAD v1.1"] += len(conversations) - len(unique)
+            conversations = unique
         if not conversations:
             raise DataError(f"{source}: no usable examples in {path} (skipped: {counts.describe()}).")
         train, validation = _split_groups(conversations, args)
@@ -171,7 +185,7 @@ def prepare_sft_data(args: SftDataArguments, tokenizer, seed: int = 42) -> tuple
             for conversation in items:
                 if limit is not None and len(rows) >= limit:
                     break
-                if row := encode_conversation(conversation, tokenizer, args.max_seq_length, counts):
+                if row := encode_conversation(conversation, tokenizer, args.max_seq_length, counts, args.squad_layout):
                     rows.append(row)
             if split == "train" and not rows:
                 raise DataError(f"{source}: none of its {len(items):,} training examples fits the {args.max_seq_length}-token "

@@ -122,6 +122,7 @@ def chunked_lm_loss(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
 ) -> torch.Tensor:
@@ -131,7 +132,7 @@ def chunked_lm_loss(
     so the wrapper's gradient synchronisation sees the call.
     """
     no_positions = torch.empty(0, dtype=torch.long, device=input_ids.device)  # the model computes no logits itself
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
                     logits_to_keep=no_positions, use_cache=False)
     hidden = outputs.hidden_states[-1]  # after the final layer norm
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])

@@ -143,6 +143,32 @@ def test_mix_caps_and_disjoint_validation(tmp_path, tokenizer):
     assert set(data["train"]["source"]) == {"alpaca", "dailydialog"}
 
 
+def test_question_first_layout_puts_the_question_before_and_after_the_passage_and_keeps_the_answer(tmp_path, tokenizer):
+    conversations, _ = _load("squad", _squad_file(tmp_path / "long.json", "1.1", long_passage=True))
+    counts = SkipCounter()
+    row = encode_conversation(conversations[0], tokenizer, 256, counts, layout="question_first")
+    text = tokenizer.decode(row["input_ids"])
+    question, passage = text.index("Question: Who was their leader?"), text.index("Passage: ")
+    assert question < passage < text.rindex("Question: Who was their leader?") and len(row["input_ids"]) <= 256
+    assert "Rollo" in text[passage:] and tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == " Rollo<|endoftext|>"
+    assert counts == {"shortened: passage windowed around the answer": 1}
+    with pytest.raises(DataError, match="squad_layout must be one of"):
+        prepare_sft_data(SftDataArguments(squad_file=str(tmp_path / "long.json"), squad_layout="sideways"), tokenizer)
+
+
+def test_squad_v2_questions_already_in_v1_can_be_left_out_and_are_counted(tmp_path, tokenizer):
+    alpaca = tmp_path / "alpaca.json"  # held-out examples for the run to have a validation split
+    alpaca.write_text(json.dumps([{"instruction": f"Task {i}.", "input": "", "output": "Done."} for i in range(10)]))
+    args = SftDataArguments(alpaca_file=str(alpaca), squad_file=str(_squad_file(tmp_path / "v1.json", "1.1")),
+                            squad_v2_file=str(_squad_file(tmp_path / "v2.json", "v2.0")))
+    _, report = prepare_sft_data(args, tokenizer)
+    assert report["squad_v2"]["records"] == 2
+    args.squad_v2_drop_v1_duplicates = True
+    _, report = prepare_sft_data(args, tokenizer)
+    assert report["squad_v2"]["records"] == 1  # only the unanswerable question is new
+    assert report["squad_v2"]["skipped_or_changed"]["left out: question also in SQuAD v1.1"] == 1
+
+
 def test_a_passage_shared_by_squad_versions_lands_in_one_split(tmp_path):
     v1, _ = _load("squad", _squad_file(tmp_path / "v1.json", "1.1"))
     v2, _ = _load("squad_v2", _squad_file(tmp_path / "v2.json", "v2.0"))

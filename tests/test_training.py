@@ -140,6 +140,8 @@ def test_phase2_tunes_the_phase1_model_and_refuses_bad_configs(phase1_model, tmp
     eval_losses = [record["eval_loss"] for record in history if "eval_loss" in record]
     assert eval_losses[-1] < eval_losses[0] - 1.0
     assert metrics["eval_loss"] == pytest.approx(min(eval_losses), abs=1e-3)  # the best checkpoint was kept
+    per_source = [metrics[f"eval_{source}_loss"] for source in ("alpaca", "dailydialog")]
+    assert min(per_source) <= metrics["eval_loss"] <= max(per_source) and per_source[0] != per_source[1]
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     messages = [{"role": "user", "content": "Say the number 7."}]
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "User: Say the number 7.\nAssistant:"

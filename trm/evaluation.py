@@ -29,7 +29,7 @@ import torch
 from data.cleaning import clean_text
 from data.files import DataError, SkipCounter, read_records
 from data.instruction_sources import squad_rows
-from data.prompt_format import ASSISTANT_PREFIX, NO_ANSWER_REPLY, USER_PREFIX, reading_comprehension_message
+from data.prompt_format import ASSISTANT_PREFIX, NO_ANSWER_REPLY, USER_PREFIX, reading_comprehension_message, squad_layout_of
 from models.gpt2 import chunked_lm_loss
 from trm.generation import SamplingSettings, fit_history, generate_reply
 from trm.grounded import (
@@ -134,10 +134,11 @@ def best_f1(prediction: str, references: list[str]) -> float:
 
 
 def free_squad_answer(model, tokenizer, row: dict, max_new_tokens: int) -> str | None:
-    passage = fit_to_context(row["context"], row["question"], tokenizer, max_new_tokens, int(model.config.n_positions))
+    layout = squad_layout_of(model)
+    passage = fit_to_context(row["context"], row["question"], tokenizer, max_new_tokens, int(model.config.n_positions), layout)
     if passage is None:
         return None
-    messages = [{"role": "user", "content": reading_comprehension_message(passage, row["question"])}]
+    messages = [{"role": "user", "content": reading_comprehension_message(passage, row["question"], layout)}]
     settings = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
     return generate_reply(model, tokenizer, messages, settings)[0]
 

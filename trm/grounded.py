@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 from data.files import DataError
-from data.prompt_format import NO_ANSWER_REPLY, PASSAGE_LABEL, generation_prompt, reading_comprehension_message
+from data.prompt_format import (
+    DEFAULT_SQUAD_LAYOUT, NO_ANSWER_REPLY, PASSAGE_LABEL, generation_prompt, reading_comprehension_message, squad_layout_of,
+)
 from data.sft import fit_passage
 
 GROUNDING_FILE = "grounding.json"
@@ -131,7 +133,8 @@ def _ended_reply_scores(model, first, cache, prompt_length: int, rows: list[list
 @torch.no_grad()
 def answer_from_passage(model, tokenizer, passage: str, question: str, settings: GroundedSettings) -> GroundedAnswer:
     """The best-scoring passage span for the question (or the no-answer reply); the prompt must fit the context."""
-    prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, question)}])
+    layout = squad_layout_of(model)
+    prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, question, layout)}])
     encoding = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)
     prompt_ids = encoding["input_ids"]
     if len(prompt_ids) + reply_budget(tokenizer, settings) > int(model.config.n_positions):
@@ -153,7 +156,7 @@ def answer_from_passage(model, tokenizer, passage: str, question: str, settings:
     if settings.prior_weight:
         # How likely each reply is after the passage alone: subtracting it removes the model's preference for
         # replies it likes whatever the question (surface-form competition), leaving what the question adds.
-        prior_prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, "")}])
+        prior_prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, "", layout)}])
         prior_ids = tokenizer(prior_prompt, add_special_tokens=False)["input_ids"]
         prior_first, prior_cache = _first_reply_token(model, prior_ids)
         prior = _ended_reply_scores(model, prior_first, prior_cache, len(prior_ids), rows, eos)
@@ -172,11 +175,12 @@ def answer_from_passage(model, tokenizer, passage: str, question: str, settings:
                           prompt.index(span, char_start) - passage_start)
 
 
-def fit_to_context(passage: str, question: str, tokenizer, reply_tokens: int, context: int) -> str | None:
+def fit_to_context(passage: str, question: str, tokenizer, reply_tokens: int, context: int,
+                   layout: str = DEFAULT_SQUAD_LAYOUT) -> str | None:
     """The passage cut from its start so that the prompt and a reply of `reply_tokens` fit the context; None if
     the question alone does not leave that room."""
     placeholder_reply = " ".join(["x"] * reply_tokens)
-    return fit_passage(passage, question, placeholder_reply, tokenizer, context, anchor=None)
+    return fit_passage(passage, question, placeholder_reply, tokenizer, context, anchor=None, layout=layout)
 
 
 def answer_from_passages(model, tokenizer, passages: list[str], question: str,
@@ -189,7 +193,7 @@ def answer_from_passages(model, tokenizer, passages: list[str], question: str,
     context = int(model.config.n_positions)
     best: tuple[int, GroundedAnswer] | None = None
     for position, passage in enumerate(passages):
-        fitted = fit_to_context(passage, question, tokenizer, reply_budget(tokenizer, settings), context)
+        fitted = fit_to_context(passage, question, tokenizer, reply_budget(tokenizer, settings), context, squad_layout_of(model))
         if fitted is None:
             return None
         answer = answer_from_passage(model, tokenizer, fitted, question, settings)

@@ -48,11 +48,13 @@ from huggingface_hub import ModelCard
 from transformers import GenerationConfig, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from data.tokenizer import EOS_TOKEN_ID
 from models.gpt2 import chunked_lm_loss, use_fused_gelu
 from trm import rules
 from trm.evaluation import copying_loss
 from trm.generation import SamplingSettings
 from trm.model_card import write_card
+from trm.optimizers import build_muon_with_adamw
 from trm.precision import PRECISIONS, PrecisionChoice, choose_precision, cpu_bf16_flags
 from trm.recipe import RecipeError
 
@@ -70,6 +72,8 @@ class ModelArguments:
     tokenizer_name: str | None = field(default="gpt2", metadata={"help": "Always the GPT-2 tokenizer."})
     loss_chunk_rows: int = field(default=256, metadata={"help": "Rows per chunk of the fused loss; 0 = stock loss."})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (autocast, fp32 weights); auto times both here."})
+    use_muon: bool = field(default=False, metadata={"help": "torch.optim.Muon for the blocks' 2-D matrices, AdamW for the rest."})
+    document_attention: bool = field(default=False, metadata={"help": "Phase 1: attention and positions restart at each <|endoftext|> in a packed block."})
     early_stopping_patience: int = field(default=3, metadata={"help": "Evaluations without improvement before stopping."})
     sample_prompts: list[str] = field(default_factory=list, metadata={"help": "Texts continued at each evaluation."})
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Length of the sample generations."})
@@ -80,8 +84,9 @@ class TrmTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # the loss below is normalised by `num_items_in_batch` when given
 
-    def __init__(self, *args, loss_chunk_rows: int = 256, **kwargs):
+    def __init__(self, *args, loss_chunk_rows: int = 256, use_muon: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.use_muon = use_muon
         use_fused_gelu(self.accelerator.unwrap_model(self.model))
         # Both losses here shift labels by one. Trainer infers this from `config.loss_type`, which a freshly
         # built GPT2Config leaves unset; it would then count position 0 in `num_items_in_batch` and
@@ -89,6 +94,13 @@ class TrmTrainer(Trainer):
         self._loss_shifts_labels = True
         self.loss_chunk_rows = loss_chunk_rows
         self._last_log: tuple[float, int] | None = None  # (time, tokens seen) at the previous training log
+
+    def create_optimizer(self, model=None):
+        if not self.use_muon or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        self.optimizer = build_muon_with_adamw(model, self.args, self.get_decay_parameter_names(model))
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_chunk_rows <= 0 or return_outputs:
@@ -100,6 +112,7 @@ class TrmTrainer(Trainer):
                 inputs["input_ids"],
                 inputs["labels"],
                 attention_mask=inputs.get("attention_mask"),
+                position_ids=inputs.get("position_ids"),
                 num_items_in_batch=num_items_in_batch,
                 chunk_rows=self.loss_chunk_rows,
             )
@@ -455,6 +468,24 @@ def collate_blocks(features: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": input_ids}
 
 
+def document_position_ids(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Positions that restart at 0 after every `eos_token_id` (the `<|endoftext|>` closing each document)."""
+    index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 1:] = input_ids[:, :-1] == eos_token_id
+    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+
+
+def collate_documents(features: list[dict], eos_token_id: int = EOS_TOKEN_ID) -> dict:
+    """Packed blocks where no token attends across a document boundary.
+
+    `transformers` reads restarting position ids without an attention mask or cache as packed sequences
+    and builds the block-diagonal causal mask from them, in both the chunked and the stock loss.
+    """
+    batch = collate_blocks(features)
+    return {**batch, "position_ids": document_position_ids(batch["input_ids"], eos_token_id), "use_cache": False}
+
+
 def train_and_evaluate(
     phase: str, model, tokenizer, training_args, model_args: ModelArguments, train_dataset, eval_dataset,
     data_collator, resume: str | None,
@@ -474,6 +505,7 @@ def train_and_evaluate(
         processing_class=tokenizer,
         callbacks=build_callbacks(training_args.output_dir, tokenizer, model_args, early_stopping=training_args.load_best_model_at_end),
         loss_chunk_rows=model_args.loss_chunk_rows,
+        use_muon=model_args.use_muon,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = {**train_result.metrics, **trainer.evaluate()}

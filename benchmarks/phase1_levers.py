@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Phase-1 levers of issue 9, each against the current recipe over the same tokens from the same seed.
+
+    python benchmarks/phase1_levers.py --train_file ../shared/data/wiki/enwiki_pages_sample.jsonl.xz \
+        [--runs baseline,beta2_0.99] [--max_steps 196] [--parallel 2] [--output_dir outputs/phase1_levers]
+
+Every run is the phase-1 recipe (32 x 256 tokens per step) with one change, evaluated on the whole prepared
+validation split (`--max_eval_tokens` unbounded) every `--eval_steps`. `--parallel N` runs N at once with
+one thread each, so runs started together share the machine alike; each run resumes if interrupted and a
+finished run is not repeated. The table compares validation loss at equal tokens and reports each run's
+measured tokens/s: levers that change the cost of a step (depth, Muon) are judged at equal time by
+`--max_steps` scaled with that cost. Writes `levers.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LEVERS = {
+    "baseline": [],
+    "beta2_0.99": ["--adam_beta2", "0.99"],
+    "wsd": ["--lr_scheduler_type", "warmup_stable_decay"],  # + the last 20% of the steps as its decay, below
+    "depth8": ["--config_name", "configs/gpt2-tiny-8layer.json"],
+    "muon": ["--use_muon", "true"],
+    "document_attention": ["--document_attention", "true"],
+}
+
+
+def run_command(name: str, args) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "run_clm.py"), str(ROOT / "recipes" / "phase1_pretraining.yaml"),
+        "--train_file", args.train_file, "--output_dir", str(Path(args.output_dir) / name), "--seed", "42",
+        "--max_steps", str(args.max_steps), "--eval_steps", str(args.eval_steps), "--save_steps", str(args.eval_steps),
+        "--max_eval_tokens", "100000000", "--load_best_model_at_end", "false", "--disable_tqdm", "true",
+        "--resume", *LEVERS[name],
+    ] + (["--lr_scheduler_kwargs", json.dumps({"num_decay_steps": round(0.2 * args.max_steps)})] if name == "wsd" else [])
+
+
+def run_summary(run_dir: Path) -> dict:
+    history = json.loads((run_dir / "training_log.json").read_text(encoding="utf-8"))
+    evals = {r["num_input_tokens_seen"]: r["eval_loss"] for r in history if "eval_loss" in r and "num_input_tokens_seen" in r}
+    copies = {r["num_input_tokens_seen"]: r["eval_copy_loss"] for r in history if "eval_copy_loss" in r}
+    speeds = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
+    return {"eval_loss": evals, "copy_loss": copies,
+            "tokens_per_second": sorted(speeds)[len(speeds) // 2] if speeds else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train_file", required=True)
+    parser.add_argument("--runs", default=",".join(LEVERS), help=f"comma-separated, from: {', '.join(LEVERS)}")
+    parser.add_argument("--max_steps", type=int, default=196)
+    parser.add_argument("--eval_steps", type=int, default=49)
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--output_dir", default="outputs/phase1_levers")
+    args = parser.parse_args()
+    names = [name.strip() for name in args.runs.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LEVERS]
+    if unknown:
+        parser.error(f"unknown runs {', '.join(unknown)}; choose from {', '.join(LEVERS)}.")
+
+    output = Path(args.output_dir)
+    pending = [name for name in names if not (output / name / "training_log.json").is_file()]
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    while pending:
+        batch, pending = pending[:args.parallel], pending[args.parallel:]
+        processes = []
+        for name in batch:
+            (output / name).mkdir(parents=True, exist_ok=True)
+            print("$", " ".join(run_command(name, args)), flush=True)
+            log = (output / name / "run.log").open("a")
+            processes.append((name, subprocess.Popen(run_command(name, args), cwd=ROOT, env=env, stdout=log, stderr=log)))
+        failed = [name for name, process in processes if process.wait() != 0]
+        if failed:
+            sys.exit(f"runs failed: {', '.join(failed)} (see {output}/<run>/run.log)")
+
+    summaries = {name: run_summary(output / name) for name in names if (output / name / "training_log.json").is_file()}
+    tokens = sorted(set.intersection(*(set(s["eval_loss"]) for s in summaries.values())))
+    print(f"\n{'tokens':>10} " + " ".join(f"{name:>18}" for name in summaries))
+    for count in tokens:
+        print(f"{count:>10,} " + " ".join(f"{s['eval_loss'][count]:>18.4f}" for s in summaries.values()))
+    print(f"{'copy loss':>10} " + " ".join(f"{s['copy_loss'].get(tokens[-1], float('nan')):>18.3f}" for s in summaries.values()))
+    print(f"{'tokens/s':>10} " + " ".join(f"{s['tokens_per_second'] or 0:>18,.0f}" for s in summaries.values()))
+    result = {"max_steps": args.max_steps, "threads_per_run": threads, "runs": {
+        name: {**s, "eval_loss": {str(k): v for k, v in s["eval_loss"].items()},
+               "copy_loss": {str(k): v for k, v in s["copy_loss"].items()}} for name, s in summaries.items()}}
+    tmp = output / "levers.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, output / "levers.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Issue-9 levers: document-boundary attention in packed blocks, and Muon with AdamW as one optimizer."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+from models.gpt2 import chunked_lm_loss
+from trm.optimizers import MuonWithAdamW, hidden_matrix_names
+from trm.training import TrmTrainer, collate_blocks, collate_documents, document_position_ids
+
+from conftest import TINY_CONFIG
+
+EOS = 50256
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**TINY_CONFIG))
+
+
+def test_positions_restart_after_every_end_of_text():
+    ids = torch.tensor([[5, 6, EOS, 7, 8, 9, EOS, EOS, 4]])
+    assert document_position_ids(ids, EOS).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 0]]
+
+
+@pytest.mark.parametrize("chunk_rows", [0, 64])
+def test_a_packed_block_with_document_attention_scores_each_document_as_if_alone(chunk_rows):
+    """The loss on document B's tokens equals B's loss on its own: nothing of document A is attended to."""
+    model = _model().eval()
+    torch.manual_seed(3)
+    first, second = torch.randint(0, 50000, (9,)).tolist() + [EOS], torch.randint(0, 50000, (14,)).tolist()
+    batch = collate_documents([{"input_ids": first + second}])
+    labels = batch["labels"].clone()
+    labels[:, :len(first) + 1] = -100  # score only B's predictions from its second token on
+    with torch.no_grad():
+        if chunk_rows:
+            packed = chunked_lm_loss(model, batch["input_ids"], labels, position_ids=batch["position_ids"], chunk_rows=chunk_rows)
+        else:
+            packed = model(input_ids=batch["input_ids"], labels=labels, position_ids=batch["position_ids"], use_cache=False).loss
+        alone = model(input_ids=torch.tensor([second]), labels=torch.tensor([second])).loss
+        crossing = model(input_ids=batch["input_ids"], labels=labels).loss  # the recipe's default: attends across
+    assert packed.item() == pytest.approx(alone.item(), rel=1e-5)
+    assert abs(crossing.item() - alone.item()) > 1e-3
+
+
+def _trainer(tmp_path, model, max_steps, **kwargs):
+    dataset = Dataset.from_dict({"input_ids": torch.randint(0, 50000, (16, 32), generator=torch.Generator().manual_seed(4)).tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                             max_steps=max_steps, learning_rate=1e-2, lr_scheduler_type="cosine", save_steps=2,
+                             disable_tqdm=True, seed=0, **kwargs)
+    return TrmTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate_blocks, use_muon=True)
+
+
+def test_muon_trains_the_hidden_matrices_and_adamw_the_rest_under_the_trainers_schedule(tmp_path):
+    model = _model()
+    trainer = _trainer(tmp_path / "run", model, max_steps=3)
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer  # accelerate's wrapper around ours
+    assert isinstance(optimizer, MuonWithAdamW)
+    muon_params = {id(p) for group in optimizer.muon.param_groups for p in group["params"]}
+    hidden = hidden_matrix_names(model)
+    for name, parameter in model.named_parameters():
+        assert (id(parameter) in muon_params) == (name in hidden), name
+    assert "transformer.wte.weight" not in hidden and all(".h." in name for name in hidden)
+    assert all(optimizer.muon.state[p] for p in optimizer.muon.param_groups[0]["params"])
+    # The scheduler's cosine decay reached both inner optimizers.
+    assert optimizer.muon.param_groups[0]["lr"] == optimizer.adamw.param_groups[0]["lr"] < 1e-2
+
+
+def test_a_muon_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path):
+    whole = _trainer(tmp_path / "whole", _model(), max_steps=4)
+    whole.train()
+    resumed = _trainer(tmp_path / "whole", _model(seed=9), max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_evaluation_lays_out_a_passage_the_way_the_model_was_tuned(monkeypatch, tokenizer):
+    import trm.evaluation as evaluation
+
+    prompts = []
+
+    def record_prompt(model, tokenizer, messages, settings):
+        prompts.append(messages[0]["content"])
+        return "Rollo", True
+
+    monkeypatch.setattr(evaluation, "generate_reply", record_prompt)
+    row = {"context": "Rollo led the Normans.", "question": "Who led them?", "answers": ["Rollo"]}
+    model = _model()
+    evaluation.free_squad_answer(model, tokenizer, row, max_new_tokens=8)
+    model.config.squad_layout = "question_first"
+    evaluation.free_squad_answer(model, tokenizer, row, max_new_tokens=8)
+    passage_first, question_first = prompts
+    assert passage_first.index("Passage:") < passage_first.index("Question:")
+    assert question_first.index("Question:") < question_first.index("Passage:") < question_first.rindex("Question:")
