@@ -68,7 +68,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, normaliser, chunk_rows, compute_grads, product_dtype):
+    def forward(ctx, hidden, weight, targets, row_weights, normaliser, chunk_rows, compute_grads, product_dtype):
         with torch.autocast(hidden.device.type, enabled=False):
             hidden32, weight32 = hidden.float(), weight.float()
             hidden_p, weight_p = hidden32.to(product_dtype), weight32.to(product_dtype)
@@ -86,27 +86,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 h, chunk_targets, size = hidden32[rows], targets[rows], min(chunk_rows, hidden.shape[0] - start) * vocab
+                scale = row_weights[rows, None] / normaliser  # each row's share of the loss
                 product = torch.mm(weight_p, hidden_p[rows].t(), out=product_buffer[:size].view(vocab, -1)).t()
                 target_logits = product.gather(1, chunk_targets[:, None]).float()
                 max_logits = product.amax(dim=1, keepdim=True).float()
                 logits = product if in_fp32 else logits_buffer[:size].view(vocab, -1).t().copy_(product)
                 exp_logits = logits.sub_(max_logits).exp_()
                 sum_exp = exp_logits.sum(dim=1, keepdim=True)
-                loss_sum += (sum_exp.log() + max_logits - target_logits).sum()
+                loss_sum += ((sum_exp.log() + max_logits - target_logits) * row_weights[rows, None]).sum()
                 if compute_grads:
-                    # d(loss)/d(logits) = (exp_logits / sum_exp - one_hot(target)) / normaliser. Both terms are
+                    # d(loss)/d(logits) = (exp_logits / sum_exp - one_hot(target)) * scale. Both terms are
                     # applied on the narrow side of each product (rows of `h`, of `grad_hidden`, of `weight`),
                     # so the chunk x vocabulary matrix is never rewritten for them.
-                    row_scale = 1.0 / (sum_exp * normaliser)
+                    row_scale = scale / sum_exp
                     probs = exp_logits if in_fp32 else product.copy_(exp_logits)
                     grad_hidden[rows] = torch.mm(probs, weight_p)
-                    grad_hidden[rows].mul_(row_scale).sub_(weight32[chunk_targets] / normaliser)
+                    grad_hidden[rows].mul_(row_scale).sub_(weight32[chunk_targets] * scale)
                     scaled_h = (h * row_scale).to(product_dtype)
                     if in_fp32:
                         grad_weight.addmm_(probs.t(), scaled_h)
                     else:  # summed over chunks in fp32
                         grad_weight += torch.mm(probs.t(), scaled_h)
-                    grad_weight.index_add_(0, chunk_targets, h / -normaliser)
+                    grad_weight.index_add_(0, chunk_targets, h * -scale)
         if compute_grads:
             ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
         return loss_sum / normaliser
@@ -114,7 +115,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None, None
 
 
 def chunked_lm_loss(
@@ -125,11 +126,14 @@ def chunked_lm_loss(
     position_ids: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
+    prompt_loss_weight: float = 0.0,
 ) -> torch.Tensor:
     """The causal-LM loss of `model(input_ids, labels=labels)`, without materialising the full logits.
 
-    `model` may be wrapped (DistributedDataParallel, as `.module`): its forward is called through the wrapper,
-    so the wrapper's gradient synchronisation sees the call.
+    `prompt_loss_weight` > 0 also learns the unlabelled, unpadded positions (phase-2 prompts) at that weight,
+    still normalised by the labelled tokens, so the reply loss keeps its scale. `model` may be wrapped
+    (DistributedDataParallel, as `.module`): its forward is called through the wrapper, so the wrapper's
+    gradient synchronisation sees the call.
     """
     no_positions = torch.empty(0, dtype=torch.long, device=input_ids.device)  # the model computes no logits itself
     outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
@@ -140,13 +144,21 @@ def chunked_lm_loss(
     labelled = targets != IGNORE_INDEX
     if num_items_in_batch is None:
         num_items_in_batch = labelled.sum()
-    # Masked positions (prompts, padding) never reach the output projection: in phase 2 that skips most
-    # of the model's FLOPs at no change to the loss or its gradients.
-    hidden, targets = hidden[labelled], targets[labelled]
+    row_weights = labelled.float()
+    if prompt_loss_weight > 0:
+        prompt = ~labelled
+        if attention_mask is not None:
+            prompt &= attention_mask[:, 1:].reshape(-1).bool()
+        targets = torch.where(prompt, input_ids[:, 1:].reshape(-1), targets)
+        row_weights += prompt.float() * prompt_loss_weight
+    # Positions without a weight (prompts, padding) never reach the output projection: in phase 2 that
+    # skips most of the model's FLOPs at no change to the loss or its gradients.
+    kept = row_weights > 0
+    hidden, targets, row_weights = hidden[kept], targets[kept], row_weights[kept]
     normaliser = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device).clamp(min=1)
     weight = getattr(model, "module", model).lm_head.weight
     compute_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     device = hidden.device.type
     in_bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
     product_dtype = torch.bfloat16 if in_bf16 else torch.float32
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, normaliser, chunk_rows, compute_grads, product_dtype)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, row_weights, normaliser, chunk_rows, compute_grads, product_dtype)

@@ -139,3 +139,33 @@ def test_chunked_loss_under_bf16_autocast_matches_the_fp32_loss_within_bf16_tole
     for name, grad in bf16_grads.items():
         assert grad.dtype == torch.float32
         assert (grad - fp32_grads[name]).norm() <= 0.03 * fp32_grads[name].norm(), name
+
+
+@pytest.mark.parametrize("chunk_rows", [5, 4096])
+def test_a_prompt_loss_weight_adds_the_weighted_prompt_loss_and_skips_padding(chunk_rows):
+    model = _model()
+    torch.manual_seed(5)
+    input_ids = torch.randint(0, 50257, (2, 24))
+    mask = torch.ones_like(input_ids)
+    mask[1, 18:] = 0  # padding
+    labels = torch.full_like(input_ids, -100)
+    labels[:, 12:] = input_ids[:, 12:]
+    labels[1, 18:] = -100
+    replies = labels[:, 1:].ne(-100).sum()
+
+    def stock_sum(target_labels):  # the stock model's summed loss over the given labels
+        return model(input_ids=input_ids, attention_mask=mask, labels=target_labels, num_items_in_batch=1).loss
+
+    prompt_labels = torch.where((labels == -100) & mask.bool(), input_ids, torch.full_like(input_ids, -100))
+    prompt_labels[:, 0] = -100  # the first token is never a target
+    expected = (stock_sum(labels) + 0.1 * stock_sum(prompt_labels)) / replies
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    weighted = chunked_lm_loss(model, input_ids, labels, attention_mask=mask, chunk_rows=chunk_rows, prompt_loss_weight=0.1)
+    weighted.backward()
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, expected_grads[name], atol=1e-6, rtol=1e-4), name
+    unweighted = chunked_lm_loss(model, input_ids, labels, attention_mask=mask, chunk_rows=chunk_rows)
+    assert unweighted.item() == pytest.approx((stock_sum(labels) / replies).item(), rel=1e-5)

@@ -73,6 +73,7 @@ class ModelArguments:
     loss_chunk_rows: int = field(default=256, metadata={"help": "Rows per chunk of the fused loss; 0 = stock loss."})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (autocast, fp32 weights); auto times both here."})
     use_muon: bool = field(default=False, metadata={"help": "torch.optim.Muon for the blocks' 2-D matrices, AdamW for the rest."})
+    prompt_loss_weight: float = field(default=0.0, metadata={"help": "Phase 2: weight of the prompt tokens' loss in training (0: replies only)."})
     document_attention: bool = field(default=False, metadata={"help": "Phase 1: attention and positions restart at each <|endoftext|> in a packed block."})
     early_stopping_patience: int = field(default=3, metadata={"help": "Evaluations without improvement before stopping."})
     sample_prompts: list[str] = field(default_factory=list, metadata={"help": "Texts continued at each evaluation."})
@@ -84,9 +85,11 @@ class TrmTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # the loss below is normalised by `num_items_in_batch` when given
 
-    def __init__(self, *args, loss_chunk_rows: int = 256, use_muon: bool = False, **kwargs):
+    def __init__(self, *args, loss_chunk_rows: int = 256, use_muon: bool = False, prompt_loss_weight: float = 0.0, **kwargs):
+        if prompt_loss_weight and loss_chunk_rows <= 0:
+            raise RecipeError("prompt_loss_weight needs the chunked loss; set loss_chunk_rows above 0.")
         super().__init__(*args, **kwargs)
-        self.use_muon = use_muon
+        self.use_muon, self.prompt_loss_weight = use_muon, prompt_loss_weight
         use_fused_gelu(self.accelerator.unwrap_model(self.model))
         # Both losses here shift labels by one. Trainer infers this from `config.loss_type`, which a freshly
         # built GPT2Config leaves unset; it would then count position 0 in `num_items_in_batch` and
@@ -115,6 +118,7 @@ class TrmTrainer(Trainer):
                 position_ids=inputs.get("position_ids"),
                 num_items_in_batch=num_items_in_batch,
                 chunk_rows=self.loss_chunk_rows,
+                prompt_loss_weight=self.prompt_loss_weight if model.training else 0.0,  # evaluation: replies only
             )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # `num_items_in_batch` counts the label tokens of every process, and gradients are averaged over
@@ -506,6 +510,7 @@ def train_and_evaluate(
         callbacks=build_callbacks(training_args.output_dir, tokenizer, model_args, early_stopping=training_args.load_best_model_at_end),
         loss_chunk_rows=model_args.loss_chunk_rows,
         use_muon=model_args.use_muon,
+        prompt_loss_weight=model_args.prompt_loss_weight,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = {**train_result.metrics, **trainer.evaluate()}
