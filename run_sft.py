@@ -20,7 +20,7 @@ from trm import rules
 from trm.cli import run_main
 from trm.model_card import base_model_datasets, build_card
 from trm.generation import from_pretrained
-from trm.recipe import parse_recipe
+from trm.recipe import RecipeError, parse_recipe
 from trm.training import (
     ModelArguments, default_generation_config, claim_output_dir, save_final_model, settle_precision,
     train_and_evaluate,
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     rules.check_no_retrieval_settings({**vars(model_args), **vars(data_args)})
     rules.check_tokenizer(model_args.tokenizer_name)
     rules.check_epochs(PHASE, training_args.num_train_epochs)
+    if model_args.document_attention:
+        raise RecipeError("document_attention is for phase 1's packed blocks; phase-2 examples never share a row.")
     model = load_phase1_model(model_args.model_name_or_path)
     resume = claim_output_dir(training_args)
     precision = settle_precision(model_args, training_args, model, data_args.max_seq_length)

@@ -9,7 +9,7 @@ validation split (`--max_eval_tokens` unbounded) every `--eval_steps`. `--parall
 one thread each, so runs started together share the machine alike; each run resumes if interrupted and a
 finished run is not repeated. The table compares validation loss at equal tokens and reports each run's
 measured tokens/s: levers that change the cost of a step (depth, Muon) are judged at equal time by
-`--max_steps` scaled with that cost. Writes `levers.json`.
+`--max_steps` scaled with that cost. Writes `levers.json` and the curves as `levers.png`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,28 @@ def run_summary(run_dir: Path) -> dict:
     speeds = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
     return {"eval_loss": evals, "copy_loss": copies,
             "tokens_per_second": sorted(speeds)[len(speeds) // 2] if speeds else None}
+
+
+def plot_curves(summaries: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, s in summaries.items():
+        points = sorted(s["eval_loss"].items())
+        axis.plot([t for t, _ in points], [loss for _, loss in points], marker="o", markersize=3, label=name)
+    axis.set_xlabel("tokens seen")
+    axis.set_ylabel("validation loss (nats/token)")
+    axis.set_title("phase-1 levers, same seed and tokens")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -91,6 +113,7 @@ def main() -> None:
     result = {"max_steps": args.max_steps, "threads_per_run": threads, "runs": {
         name: {**s, "eval_loss": {str(k): v for k, v in s["eval_loss"].items()},
                "copy_loss": {str(k): v for k, v in s["copy_loss"].items()}} for name, s in summaries.items()}}
+    plot_curves(summaries, output / "levers.png")
     tmp = output / "levers.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, output / "levers.json")
