@@ -54,13 +54,19 @@ def commands(name: str, args) -> list[list[str]]:
     return [train, evaluate]
 
 
+def evaluated(run_dir: Path) -> bool:
+    """run_eval writes its report after every section; the instructions are its last."""
+    report = run_dir / "lever_eval.json"
+    return report.is_file() and "instructions" in json.loads(report.read_text(encoding="utf-8"))
+
+
 def run_lever(name: str, args, env: dict) -> None:
     run_dir = Path(args.output_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     train, evaluate = commands(name, args)
     with (run_dir / "run.log").open("a") as log:
-        for command, done in ((train, run_dir / "training_log.json"), (evaluate, run_dir / "lever_eval.json")):
-            if done.is_file():
+        for command, done in ((train, lambda: (run_dir / "training_log.json").is_file()), (evaluate, lambda: evaluated(run_dir))):
+            if done():
                 continue
             print("$", " ".join(command), flush=True)
             if subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=log).returncode != 0:
