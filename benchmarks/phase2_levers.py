@@ -8,7 +8,7 @@
 Every run is the phase-2 recipe (32 examples per step) with one change, on all shared sources (the merged
 Alpaca-format files, the SQuAD v1.1 / v2.0 dev parts, DailyDialog train), for `--max_steps` from the same
 seed, then `run_eval.py` on articles no run was tuned on (`squad/unseen-v1.1.json`, `unseen-v2.0.json`:
-free and grounded decoding) and on the 50 sample instructions (share of replies that end by themselves).
+free decoding, `--decoding both` adds grounded) and on the 50 sample instructions (share of replies that end by themselves).
 `--parallel N` runs N at once with one thread each. A finished run or evaluation is not repeated.
 Reports held-out reply loss overall and per source, the scores and each run's tokens/s (the prompt loss
 weight sends prompt tokens through the output projection: its steps cost more). Writes `levers.json`.
@@ -47,7 +47,7 @@ def commands(name: str, args) -> list[list[str]]:
     ]
     evaluate = [
         sys.executable, "run_eval.py", str(run_dir), "--squad_file", str(shared / "squad" / "unseen-v1.1.json"),
-        "--squad_v2_file", str(shared / "squad" / "unseen-v2.0.json"), "--decoding", "both",
+        "--squad_v2_file", str(shared / "squad" / "unseen-v2.0.json"), "--decoding", args.decoding,
         "--instructions_file", "data/samples/eval_instructions.txt", "--limit", str(args.eval_limit),
         "--report", str(run_dir / "lever_eval.json"),
     ]
@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(LEVERS), help=f"comma-separated, from: {', '.join(LEVERS)}")
     parser.add_argument("--max_steps", type=int, default=150)
     parser.add_argument("--eval_limit", type=int, default=200)
+    parser.add_argument("--decoding", choices=("free", "grounded", "both"), default="free",
+                        help="SQuAD decoding in the evaluations (grounded costs ~3x the time)")
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--output_dir", default="outputs/phase2_levers")
     args = parser.parse_args()

@@ -95,3 +95,12 @@ def test_evaluation_lays_out_a_passage_the_way_the_model_was_tuned(monkeypatch, 
     passage_first, question_first = prompts
     assert passage_first.index("Passage:") < passage_first.index("Question:")
     assert question_first.index("Question:") < question_first.index("Passage:") < question_first.rindex("Question:")
+
+
+def test_resuming_an_adamw_checkpoint_with_muon_is_refused_in_one_sentence(tmp_path):
+    adamw = TrmTrainer(model=_model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    adamw.create_optimizer()
+    muon = _trainer(tmp_path / "muon", _model(), max_steps=1)
+    muon.create_optimizer()
+    with pytest.raises(ValueError, match="resume it with --use_muon false"):
+        muon.optimizer.load_state_dict(adamw.optimizer.state_dict())

@@ -36,6 +36,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if set(state_dict) != {"muon", "adamw"}:
+            raise ValueError("this checkpoint's optimizer state is not Muon+AdamW (the run used use_muon false); "
+                             "resume it with --use_muon false, or start a fresh --output_dir.")
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
         self.param_groups[:] = self.muon.param_groups + self.adamw.param_groups
