@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Phase-1 levers of issue 9, each against the current recipe over the same tokens from the same seed.
+"""Phase-1 levers of issue 9, each against the recipe over the same tokens from the same seed.
 
     python benchmarks/phase1_levers.py --train_file ../shared/data/wiki/enwiki_pages_sample.jsonl.xz \
         [--runs baseline,beta2_0.99] [--max_steps 196] [--parallel 2] [--output_dir outputs/phase1_levers]
 
-Every run is the phase-1 recipe (32 x 256 tokens per step) with one change, evaluated on the whole prepared
-validation split (`--max_eval_tokens` unbounded) every `--eval_steps`. `--parallel N` runs N at once with
+Every run is the phase-1 recipe as it was before Muon became its default (32 x 256 tokens per step, AdamW)
+with one change, evaluated on the whole prepared validation split (`--max_eval_tokens` unbounded) every
+`--eval_steps`. `--parallel N` runs N at once with
 one thread each, so runs started together share the machine alike; each run resumes if interrupted and a
 finished run is not repeated. The table compares validation loss at equal tokens and reports each run's
 measured tokens/s: levers that change the cost of a step (depth, Muon) are judged at equal time by
@@ -22,6 +23,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The recipe as it stood before these measurements (AdamW everywhere); each lever changes one setting of it.
+BEFORE = ["--use_muon", "false"]
 LEVERS = {
     "baseline": [],
     "beta2_0.99": ["--adam_beta2", "0.99"],
@@ -38,7 +41,7 @@ def run_command(name: str, args) -> list[str]:
         "--train_file", args.train_file, "--output_dir", str(Path(args.output_dir) / name), "--seed", "42",
         "--max_steps", str(args.max_steps), "--eval_steps", str(args.eval_steps), "--save_steps", str(args.eval_steps),
         "--max_eval_tokens", "100000000", "--load_best_model_at_end", "false", "--disable_tqdm", "true",
-        "--resume", *LEVERS[name],
+        "--resume", *BEFORE, *LEVERS[name],
     ] + (["--lr_scheduler_kwargs", json.dumps({"num_decay_steps": round(0.2 * args.max_steps)})] if name == "wsd" else [])
 
 
