@@ -12,6 +12,10 @@ Design decisions:
 - `settle_precision` applies `precision: auto|fp32|bf16` (`trm/precision.py`) before any data is prepared;
   under bf16 the loss runs inside the Trainer's autocast, because its output projection is outside the
   model's forward.
+- Levers measured in the README ("The full recipe, measured") are settings, not forks: `use_muon` makes
+  `create_optimizer` build `trm.optimizers.MuonWithAdamW`; `prompt_loss_weight` adds the prompt tokens to the
+  training loss at that weight (evaluation stays on replies); `document_attention` collates packed blocks with
+  position ids that restart at each `<|endoftext|>`, which `transformers` turns into a block-diagonal mask.
 - Callbacks, not a custom loop: early stopping (`EarlyStoppingCallback`), sample generations at each
   evaluation, a CSV copy of the logs, and Ctrl-C, which asks the Trainer to save a checkpoint and stop
   at the end of the current step (a second Ctrl-C aborts at once).
