@@ -104,3 +104,13 @@ def test_resuming_an_adamw_checkpoint_with_muon_is_refused_in_one_sentence(tmp_p
     muon.create_optimizer()
     with pytest.raises(ValueError, match="resume it with --use_muon false"):
         muon.optimizer.load_state_dict(adamw.optimizer.state_dict())
+
+
+def test_a_negative_or_unsupported_prompt_loss_weight_is_refused_in_one_sentence(tmp_path):
+    from trm.recipe import RecipeError
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(RecipeError, match="must be 0 or more"):
+        TrmTrainer(model=_model(), args=args, prompt_loss_weight=-0.1)
+    with pytest.raises(RecipeError, match="needs the chunked loss"):
+        TrmTrainer(model=_model(), args=args, prompt_loss_weight=0.1, loss_chunk_rows=0)

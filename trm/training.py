@@ -90,6 +90,8 @@ class TrmTrainer(Trainer):
     loss_is_scaled_for_ga = True  # the loss below is normalised by `num_items_in_batch` when given
 
     def __init__(self, *args, loss_chunk_rows: int = 256, use_muon: bool = False, prompt_loss_weight: float = 0.0, **kwargs):
+        if prompt_loss_weight < 0:
+            raise RecipeError(f"prompt_loss_weight must be 0 or more, got {prompt_loss_weight}.")
         if prompt_loss_weight and loss_chunk_rows <= 0:
             raise RecipeError("prompt_loss_weight needs the chunked loss; set loss_chunk_rows above 0.")
         super().__init__(*args, **kwargs)
