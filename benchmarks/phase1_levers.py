@@ -28,7 +28,7 @@ BEFORE = ["--use_muon", "false"]
 LEVERS = {
     "baseline": [],
     "beta2_0.99": ["--adam_beta2", "0.99"],
-    "wsd": ["--lr_scheduler_type", "warmup_stable_decay"],  # + the last 20% of the steps as its decay, below
+    "wsd": ["--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs", json.dumps({"num_decay_steps": 0.2})],
     "depth8": ["--config_name", "configs/gpt2-tiny-8layer.json"],
     "muon": ["--use_muon", "true"],
     "document_attention": ["--document_attention", "true"],
@@ -42,7 +42,7 @@ def run_command(name: str, args) -> list[str]:
         "--max_steps", str(args.max_steps), "--eval_steps", str(args.eval_steps), "--save_steps", str(args.eval_steps),
         "--max_eval_tokens", "100000000", "--load_best_model_at_end", "false", "--disable_tqdm", "true",
         "--resume", *BEFORE, *LEVERS[name],
-    ] + (["--lr_scheduler_kwargs", json.dumps({"num_decay_steps": round(0.2 * args.max_steps)})] if name == "wsd" else [])
+    ]
 
 
 def run_summary(run_dir: Path) -> dict:

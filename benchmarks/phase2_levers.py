@@ -34,24 +34,35 @@ LEVERS = {
 }
 
 
+def source_arguments(shared: str | Path, alpaca_file: str) -> list[str]:
+    """run_sft.py's data arguments for all shared sources."""
+    shared = Path(shared)
+    return ["--alpaca_file", alpaca_file, "--squad_file", str(shared / "squad" / "dev-v1.1.part.json"),
+            "--squad_v2_file", str(shared / "squad" / "dev-v2.0.part.json"),
+            "--dailydialog_file", str(shared / "dailydialog" / "train" / "dialogues_train.txt")]
+
+
+def evaluation_command(run_dir: Path, shared: str | Path, decoding: str, limit: int) -> list[str]:
+    """run_eval.py on the articles no run was tuned on and the sample instructions; report in lever_eval.json."""
+    shared = Path(shared)
+    return [
+        sys.executable, "run_eval.py", str(run_dir), "--squad_file", str(shared / "squad" / "unseen-v1.1.json"),
+        "--squad_v2_file", str(shared / "squad" / "unseen-v2.0.json"), "--decoding", decoding,
+        "--instructions_file", "data/samples/eval_instructions.txt", "--limit", str(limit),
+        "--report", str(run_dir / "lever_eval.json"),
+    ]
+
+
 def commands(name: str, args) -> list[list[str]]:
-    shared, run_dir = Path(args.shared), Path(args.output_dir) / name
+    run_dir = Path(args.output_dir) / name
     train = [
         sys.executable, "run_sft.py", "recipes/phase2_instruction_tuning.yaml", "--model_name_or_path", args.model_name_or_path,
-        "--alpaca_file", args.alpaca_file, "--squad_file", str(shared / "squad" / "dev-v1.1.part.json"),
-        "--squad_v2_file", str(shared / "squad" / "dev-v2.0.part.json"),
-        "--dailydialog_file", str(shared / "dailydialog" / "train" / "dialogues_train.txt"),
+        *source_arguments(args.shared, args.alpaca_file),
         "--output_dir", str(run_dir), "--seed", "42", "--max_steps", str(args.max_steps),
         "--eval_steps", str(args.max_steps // 3), "--save_steps", str(args.max_steps // 3),
         "--load_best_model_at_end", "false", "--disable_tqdm", "true", "--resume", *LEVERS[name],
     ]
-    evaluate = [
-        sys.executable, "run_eval.py", str(run_dir), "--squad_file", str(shared / "squad" / "unseen-v1.1.json"),
-        "--squad_v2_file", str(shared / "squad" / "unseen-v2.0.json"), "--decoding", args.decoding,
-        "--instructions_file", "data/samples/eval_instructions.txt", "--limit", str(args.eval_limit),
-        "--report", str(run_dir / "lever_eval.json"),
-    ]
-    return [train, evaluate]
+    return [train, evaluation_command(run_dir, args.shared, args.decoding, args.eval_limit)]
 
 
 def evaluated(run_dir: Path) -> bool:
@@ -62,15 +73,19 @@ def evaluated(run_dir: Path) -> bool:
 
 def run_lever(name: str, args, env: dict) -> None:
     run_dir = Path(args.output_dir) / name
+    train_then_evaluate(run_dir, *commands(name, args), env)
+
+
+def train_then_evaluate(run_dir: Path, train: list[str], evaluate: list[str], env: dict) -> None:
+    """One lever: its training, then its evaluation, each skipped when already done; output in run.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    train, evaluate = commands(name, args)
     with (run_dir / "run.log").open("a") as log:
         for command, done in ((train, lambda: (run_dir / "training_log.json").is_file()), (evaluate, lambda: evaluated(run_dir))):
             if done():
                 continue
             print("$", " ".join(command), flush=True)
             if subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=log).returncode != 0:
-                raise RuntimeError(f"{name} failed (see {run_dir / 'run.log'})")
+                raise RuntimeError(f"{run_dir.name} failed (see {run_dir / 'run.log'})")
 
 
 def summary(run_dir: Path) -> dict:
@@ -79,11 +94,12 @@ def summary(run_dir: Path) -> dict:
     per_source = {key[5:-5]: value for r in history for key, value in r.items()
                   if key.startswith("eval_") and key.endswith("_loss") and key != "eval_loss" and key != "eval_copy_loss"}
     speeds = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
-    report = json.loads((run_dir / "lever_eval.json").read_text(encoding="utf-8"))
+    report_path = run_dir / "lever_eval.json"
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}  # partial if cut short
     squad = {key: {k: v for k, v in value.items() if k in ("f1", "exact", "HasAns_f1", "NoAns_f1", "total")}
              for key, value in report.items() if key.startswith("squad_")}
     return {"validation_loss": final["eval_loss"], "per_source_loss": per_source, "squad": squad,
-            "ended_by_itself": report["instructions"]["ended_by_itself"],
+            "ended_by_itself": report.get("instructions", {}).get("ended_by_itself"),
             "tokens_per_second": sorted(speeds)[len(speeds) // 2] if speeds else None}
 
 
@@ -120,7 +136,7 @@ def main() -> None:
         free1, grounded1, free2 = (r["squad"].get(k, {}) for k in ("squad_v1.1 free", "squad_v1.1 grounded", "squad_v2.0 free"))
         values = [r["validation_loss"], r["per_source_loss"].get("squad"), r["per_source_loss"].get("squad_v2"),
                   free1.get("f1"), grounded1.get("f1"), free2.get("NoAns_f1"), free2.get("HasAns_f1"),
-                  100 * r["ended_by_itself"], r["tokens_per_second"]]
+                  None if r["ended_by_itself"] is None else 100 * r["ended_by_itself"], r["tokens_per_second"]]
         print(f"{name:<26}" + "".join(f"{'-' if v is None else f'{v:.3f}':>17}" for v in values))
     output = Path(args.output_dir) / "levers.json"
     tmp = output.with_suffix(".tmp")

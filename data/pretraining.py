@@ -200,7 +200,7 @@ def prepare_pretraining_data(args: PretrainingDataArguments, seed: int = 42) -> 
     cache_path = cache_root / f"phase1-{_fingerprint(args, seed)}"
     if cache_path.is_dir() and not args.overwrite_cache:
         stats = json.loads((cache_path / "stats.json").read_text())
-        stats["from_cache"] = str(cache_path)
+        stats["from_cache"] = stats["cache_dir"] = str(cache_path)
         return load_from_disk(str(cache_path / "dataset")), stats
 
     started = time.time()
@@ -235,6 +235,7 @@ def prepare_pretraining_data(args: PretrainingDataArguments, seed: int = 42) -> 
     (tmp_path / "stats.json").write_text(json.dumps(stats, indent=2))
     shutil.rmtree(cache_path, ignore_errors=True)
     os.replace(tmp_path, cache_path)
+    stats["cache_dir"] = str(cache_path)
     return load_from_disk(str(cache_path / "dataset")), stats
 
 

@@ -114,3 +114,18 @@ def test_a_negative_or_unsupported_prompt_loss_weight_is_refused_in_one_sentence
         TrmTrainer(model=_model(), args=args, prompt_loss_weight=-0.1)
     with pytest.raises(RecipeError, match="needs the chunked loss"):
         TrmTrainer(model=_model(), args=args, prompt_loss_weight=0.1, loss_chunk_rows=0)
+
+
+def test_a_decay_length_below_one_is_that_share_of_the_run(tmp_path):
+    model = _model()
+    trainer = _trainer(tmp_path / "run", model, max_steps=10)
+    trainer.args.lr_scheduler_type = "warmup_stable_decay"
+    trainer.args.lr_scheduler_kwargs = {"num_decay_steps": 0.2}
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert trainer.args.lr_scheduler_kwargs["num_decay_steps"] == 2
+    assert rates[:9] == [1e-2] * 9 and rates[9] < 1e-2  # stable until step 8, then the last 2 steps decay

@@ -37,6 +37,7 @@ def test_prepare_cleans_dedupes_packs_and_caches(tmp_path, wiki_jsonl, tokenizer
 
     again, stats_again = prepare_pretraining_data(_args(tmp_path, [wiki_jsonl]))
     assert "from_cache" in stats_again and again["train"]["input_ids"] == train["input_ids"]
+    assert "from_cache" not in stats and stats["cache_dir"] == stats_again["cache_dir"]  # where the data lies, either way
 
 
 def test_split_is_by_document_and_the_token_budget_holds(tmp_path, wiki_jsonl, tokenizer):

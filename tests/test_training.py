@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import run_clm
 import run_sft
+from trm.recipe import RecipeError
 from trm.rules import RuleViolation
 
 from conftest import write_recipe
@@ -162,6 +163,19 @@ def test_phase1_stops_early_when_validation_loss_stops_improving(tmp_path, wiki_
     assert max(record["step"] for record in history) == 10  # of max_steps 40: best at 5, no improvement at 10
 
 
+
+def test_a_time_budget_ends_the_run_evaluated_saved_and_finished(tmp_path, wiki_jsonl, tiny_config_path):
+    recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path, eval_on_start=False)
+    run_clm.main([str(recipe), "--max_train_minutes", "1e-9"])  # spent after the first step
+    history = json.loads((tmp_path / "phase1" / "training_log.json").read_text())
+    assert max(record["step"] for record in history) == 1  # of max_steps 40
+    assert any("eval_loss" in record and record["step"] == 1 for record in history)
+    assert (tmp_path / "phase1" / "checkpoint-1").is_dir() and (tmp_path / "phase1" / "model.safetensors").is_file()
+    with pytest.raises(RecipeError, match="max_train_minutes must be above 0"):
+        run_clm.main([str(recipe), "--max_train_minutes", "0", "--output_dir", str(tmp_path / "other")])
+    assert not (tmp_path / "other").exists()  # refused before any work
+
+
 HEAP_SCRIPT = """
 import sys, torch
 from trm.training import keep_freed_memory_for_reuse
@@ -224,8 +238,6 @@ def test_sigterm_saves_and_stops_like_ctrl_c_and_a_second_signal_stops_at_once(c
 
 def test_bad_numbers_and_a_busy_output_dir_are_refused_before_any_work(tmp_path, wiki_jsonl, tiny_config_path):
     import fcntl
-
-    from trm.recipe import RecipeError
 
     recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path)
     for flag, value, message in (("--learning_rate", "-1e-3", "learning_rate must not be negative"),

@@ -115,8 +115,8 @@ def prepared_validation_dir(recipe: FullRecipe) -> str:
     _, data_args, training_args = parse_recipe(
         (ModelArguments, PretrainingDataArguments, TrainingArguments),
         [recipe.phase1_recipe, *recipe.phase1_args, "--output_dir", str(recipe.phase1_dir)])
-    _, stats = prepare_pretraining_data(data_args, seed=training_args.seed)  # the cached data: nothing is redone
-    return stats["from_cache"]
+    _, stats = prepare_pretraining_data(data_args, seed=training_args.seed)  # after phase 1: from its cache
+    return stats["cache_dir"]
 
 
 def run(recipe: FullRecipe) -> dict:

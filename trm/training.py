@@ -79,9 +79,14 @@ class ModelArguments:
     use_muon: bool = field(default=False, metadata={"help": "torch.optim.Muon for the blocks' 2-D matrices, AdamW for the rest."})
     prompt_loss_weight: float = field(default=0.0, metadata={"help": "Phase 2: weight of the prompt tokens' loss in training (0: replies only)."})
     document_attention: bool = field(default=False, metadata={"help": "Phase 1: attention and positions restart at each <|endoftext|> in a packed block."})
+    max_train_minutes: float | None = field(default=None, metadata={"help": "Stop after this much training time: evaluate, save, finish the model (a time budget; the schedule still plans the whole run)."})
     early_stopping_patience: int = field(default=3, metadata={"help": "Evaluations without improvement before stopping."})
     sample_prompts: list[str] = field(default_factory=list, metadata={"help": "Texts continued at each evaluation."})
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Length of the sample generations."})
+
+    def __post_init__(self):
+        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
+            raise RecipeError(f"max_train_minutes must be above 0, got {self.max_train_minutes}.")
 
 
 class TrmTrainer(Trainer):
@@ -110,6 +115,15 @@ class TrmTrainer(Trainer):
         model = self.model if model is None else model
         self.optimizer = build_muon_with_adamw(model, self.args, self.get_decay_parameter_names(model))
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # As `warmup_steps` does, a warmup-stable-decay `num_decay_steps` below 1 is a fraction of the run:
+        # the recipe then names the decay share without knowing how many steps its data gives.
+        decay = (self.args.lr_scheduler_kwargs or {}).get("num_decay_steps")
+        if isinstance(decay, float) and 0 < decay < 1:
+            self.args.lr_scheduler_kwargs = {**self.args.lr_scheduler_kwargs,
+                                             "num_decay_steps": math.ceil(decay * num_training_steps)}
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_chunk_rows <= 0 or return_outputs:
@@ -242,6 +256,25 @@ class GracefulInterruptCallback(TrainerCallback):
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous = {}
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stop after `minutes` of training in this process: evaluate, save a checkpoint, and let the run finish
+    its model as at the end of a run. Equal-time comparisons and bounded GPU leases use it."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60.0 * minutes
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.started >= self.seconds:
+            logger.warning("max_train_minutes reached at step %d: evaluating, saving and stopping.", state.global_step)
+            control.should_evaluate = args.eval_strategy != "no"
+            control.should_save = True
+            control.should_training_stop = True
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
@@ -457,6 +490,8 @@ def build_callbacks(output_dir: str, tokenizer, model_args: ModelArguments, earl
         SampleGenerationCallback(tokenizer, model_args.sample_prompts, model_args.sample_max_new_tokens, Path(output_dir) / "samples.jsonl"),
         GracefulInterruptCallback(),
     ]
+    if model_args.max_train_minutes is not None:
+        callbacks.append(TimeBudgetCallback(model_args.max_train_minutes))
     if early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=model_args.early_stopping_patience))
     return callbacks
