@@ -87,13 +87,15 @@ def generation_prompt(messages: Iterable[dict]) -> str:
 
 # Reading comprehension (SQuAD) uses one fixed reply for questions the passage cannot answer (SQuAD v2.0),
 # and a user-message layout that a model keeps in its config (`squad_layout`), so training, evaluation and
-# grounded decoding lay a passage out the way that model learned it. `passage_first` is the original one;
-# `question_first` also puts the question before the passage, so under causal attention the passage is
-# read knowing the question, and repeats it after.
+# grounded decoding lay a passage out the way that model learned it. `question_first` (the default since it
+# won at full length, README) puts the question before the passage, so under causal attention the passage
+# is read knowing the question, and repeats it after; `passage_first` is the original layout, which models
+# tuned before the setting existed (no `squad_layout` in their config) were trained with.
 NO_ANSWER_REPLY = "The passage does not contain the answer to this question."
 PASSAGE_LABEL = "Passage: "
 SQUAD_LAYOUTS = ("passage_first", "question_first")
-DEFAULT_SQUAD_LAYOUT = "passage_first"
+DEFAULT_SQUAD_LAYOUT = "question_first"
+UNRECORDED_SQUAD_LAYOUT = "passage_first"
 
 
 def reading_comprehension_message(passage: str, question: str, layout: str = DEFAULT_SQUAD_LAYOUT) -> str:
@@ -107,4 +109,4 @@ def reading_comprehension_message(passage: str, question: str, layout: str = DEF
 
 def squad_layout_of(model) -> str:
     """The reading-comprehension layout `model` was tuned with (models from before the setting: `passage_first`)."""
-    return getattr(model.config, "squad_layout", DEFAULT_SQUAD_LAYOUT)
+    return getattr(model.config, "squad_layout", UNRECORDED_SQUAD_LAYOUT)

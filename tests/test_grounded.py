@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import TINY_CONFIG
 from data.files import DataError
-from data.prompt_format import NO_ANSWER_REPLY, generation_prompt, reading_comprehension_message
+from data.prompt_format import NO_ANSWER_REPLY, generation_prompt, reading_comprehension_message, squad_layout_of
 from trm.grounded import (
     GroundedSettings, _word_boundaries, answer_from_passage, answer_from_passages, calibrate_no_answer_threshold,
 )
@@ -25,7 +25,8 @@ def _random_model(seed: int, positions: int = 128) -> GPT2LMHeadModel:
 
 def _reply_logprob(model, tokenizer, passage: str, question: str, reply: str) -> float:
     """log P(" reply<|endoftext|>" | prompt) by one plain forward pass, without any cache."""
-    prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, question)}])
+    layout = squad_layout_of(model)
+    prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, question, layout)}])
     prompt_ids = tokenizer(prompt)["input_ids"]
     reply_ids = tokenizer(" " + reply)["input_ids"] + [tokenizer.eos_token_id]
     ids = torch.tensor([prompt_ids + reply_ids])
