@@ -8,9 +8,9 @@
 Started together on the same device:
 - `run_full_recipe.py`: the recipe as shipped (phase 1 -> evaluation -> phase 2 -> evaluation) on the shared
   Wikipedia sample and all shared phase-2 sources, scored on the unseen SQuAD articles and the sample instructions;
-- phase 1 with each lever of PHASE1_LEVERS (same seed, data and validation split);
-- once the recipe's phase-1 model exists, phase 2 from it with each of `--phase2_runs` (phase2_levers.LEVERS),
-  each evaluated on the same unseen articles and instructions (free decoding).
+- phase 1 with each of `--phase1_runs` (PHASE1_LEVERS; same seed, data and validation split);
+- once the recipe's phase-1 model exists, phase 2 from it with each of `--phase2_runs` (PHASE2_LEVERS), each
+  evaluated on the same unseen articles and instructions (free decoding).
 On a GPU (`--use_cpu false`, the default here) a step is 32 x 256 tokens in one micro-batch: the same optimizer
 steps as the CPU recipe's 8 x 4. Every training stage stops at its time budget (`--max_train_minutes`:
 evaluated, saved and finished), so a bounded lease still reports; a stage that ends before it is full-length.
@@ -29,8 +29,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import phase1_levers
+import phase2_levers
 from phase1_levers import run_summary
-from phase2_levers import LEVERS as PHASE2_LEVERS
 from phase2_levers import evaluation_command, source_arguments, summary, train_then_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +39,16 @@ sys.path.insert(0, str(ROOT))
 
 from trm.full_recipe import FullRecipe, prepared_validation_dir  # noqa: E402
 
+# Named setting changes, applied after --phase1_args / --phase2_args: those of the equal-token benchmarks, and
+# the ones that undo a recipe choice measured there.
 PHASE1_LEVERS = {
-    "wsd": ["--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs", json.dumps({"num_decay_steps": 0.2})],
+    "cosine": ["--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", "{}"],
+    "adamw": ["--use_muon", "false"],
+    **{name: setting for name, setting in phase1_levers.LEVERS.items() if name != "baseline"},
+}
+PHASE2_LEVERS = {
+    "passage_first": ["--squad_layout", "passage_first"],
+    **{name: setting for name, setting in phase2_levers.LEVERS.items() if name != "baseline"},
 }
 
 
@@ -66,8 +75,8 @@ def main() -> None:
     parser.add_argument("--use_cpu", choices=("true", "false"), default="false")
     parser.add_argument("--phase1_minutes", type=float, default=4.0, help="time budget of each phase-1 run")
     parser.add_argument("--phase2_minutes", type=float, default=1.5, help="time budget of each phase-2 run")
-    parser.add_argument("--phase1_runs", default=",".join(PHASE1_LEVERS), help=f"from: {', '.join(PHASE1_LEVERS)}")
-    parser.add_argument("--phase2_runs", default="lr_1e-3,question_first", help=f"from: {', '.join(PHASE2_LEVERS)}")
+    parser.add_argument("--phase1_runs", default="cosine", help=f"comma-separated, from: {', '.join(PHASE1_LEVERS)}")
+    parser.add_argument("--phase2_runs", default="passage_first,lr_1e-3", help=f"comma-separated, from: {', '.join(PHASE2_LEVERS)}")
     parser.add_argument("--eval_limit", type=int, default=150, help="SQuAD questions per file and validation blocks")
     parser.add_argument("--phase1_args", default="", help="extra run_clm.py arguments for every phase-1 run")
     parser.add_argument("--phase2_args", default="", help="extra run_sft.py arguments for every phase-2 run")

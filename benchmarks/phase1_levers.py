@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The recipe as it stood before these measurements (AdamW everywhere); each lever changes one setting of it.
-BEFORE = ["--use_muon", "false"]
+# The recipe as it stood before these measurements (AdamW, cosine decay); each lever changes one setting of it.
+BEFORE = ["--use_muon", "false", "--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", "{}"]
 LEVERS = {
     "baseline": [],
     "beta2_0.99": ["--adam_beta2", "0.99"],

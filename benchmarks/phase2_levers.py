@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The recipe as it stood before these measurements (passage-first SQuAD prompts); each lever changes one setting.
+BEFORE = ["--squad_layout", "passage_first"]
 LEVERS = {
     "baseline": [],
     "question_first": ["--squad_layout", "question_first"],
@@ -60,7 +62,7 @@ def commands(name: str, args) -> list[list[str]]:
         *source_arguments(args.shared, args.alpaca_file),
         "--output_dir", str(run_dir), "--seed", "42", "--max_steps", str(args.max_steps),
         "--eval_steps", str(args.max_steps // 3), "--save_steps", str(args.max_steps // 3),
-        "--load_best_model_at_end", "false", "--disable_tqdm", "true", "--resume", *LEVERS[name],
+        "--load_best_model_at_end", "false", "--disable_tqdm", "true", "--resume", *BEFORE, *LEVERS[name],
     ]
     return [train, evaluation_command(run_dir, args.shared, args.decoding, args.eval_limit)]
 

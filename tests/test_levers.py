@@ -106,6 +106,16 @@ def test_resuming_an_adamw_checkpoint_with_muon_is_refused_in_one_sentence(tmp_p
         muon.optimizer.load_state_dict(adamw.optimizer.state_dict())
 
 
+def test_resuming_a_muon_checkpoint_with_adamw_is_refused_in_one_sentence(tmp_path):
+    from trm.recipe import RecipeError
+
+    _trainer(tmp_path / "muon", _model(), max_steps=2).train()
+    adamw = _trainer(tmp_path / "muon", _model(), max_steps=4)
+    adamw.use_muon = False
+    with pytest.raises(RecipeError, match="resume it with --use_muon true"):
+        adamw.train(resume_from_checkpoint=str(tmp_path / "muon" / "checkpoint-2"))
+
+
 def test_a_negative_or_unsupported_prompt_loss_weight_is_refused_in_one_sentence(tmp_path):
     from trm.recipe import RecipeError
 

@@ -242,7 +242,8 @@ def test_bad_numbers_and_a_busy_output_dir_are_refused_before_any_work(tmp_path,
     recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path)
     for flag, value, message in (("--learning_rate", "-1e-3", "learning_rate must not be negative"),
                                  ("--per_device_train_batch_size", "0", "per_device_train_batch_size must be at least 1"),
-                                 ("--load_best_model_at_end", "true", "eval_strategy no leaves nothing")):
+                                 ("--load_best_model_at_end", "true", "eval_strategy no leaves nothing"),
+                                 ("--lr_scheduler_kwargs", '{"num_decay_steps": 0.2}', "belongs to warmup_stable_decay")):
         extra = ["--eval_strategy", "no", "--save_strategy", "no"] if flag == "--load_best_model_at_end" else []
         with pytest.raises(RecipeError, match=message):
             run_clm.main([str(recipe), f"{flag}={value}", *extra])

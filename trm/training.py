@@ -116,6 +116,14 @@ class TrmTrainer(Trainer):
         self.optimizer = build_muon_with_adamw(model, self.args, self.get_decay_parameter_names(model))
         return self.optimizer
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        saved = Path(checkpoint or "") / "optimizer.pt"
+        if not self.use_muon and saved.is_file():
+            if set(torch.load(saved, map_location="cpu", weights_only=True)) == {"muon", "adamw"}:
+                raise RecipeError(f"{checkpoint} was trained with use_muon true; resume it with --use_muon true, "
+                                  "or start a fresh --output_dir.")
+        return super()._load_optimizer_and_scheduler(checkpoint)
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         # As `warmup_steps` does, a warmup-stable-decay `num_decay_steps` below 1 is a fraction of the run:
         # the recipe then names the decay share without knowing how many steps its data gives.
@@ -337,6 +345,9 @@ def check_training_arguments(args) -> None:
             raise RecipeError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.learning_rate < 0:
         raise RecipeError(f"--learning_rate must not be negative, got {args.learning_rate}.")
+    if "num_decay_steps" in (args.lr_scheduler_kwargs or {}) and args.lr_scheduler_type != "warmup_stable_decay":
+        raise RecipeError(f"lr_scheduler_kwargs num_decay_steps belongs to warmup_stable_decay, not {args.lr_scheduler_type.value}; "
+                          "add --lr_scheduler_kwargs '{}' when choosing another schedule.")
     if args.load_best_model_at_end and args.eval_strategy == "no":
         raise RecipeError("--eval_strategy no leaves nothing for early stopping and load_best_model_at_end to use; "
                           "add --load_best_model_at_end false.")
