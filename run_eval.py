@@ -115,8 +115,8 @@ def main(argv=None) -> dict:
             scores = squad_evaluation(model, tokenizer, path, args.limit, decoding, grounded)
             report[f"{key} {decoding}"] = {**scores, "file": Path(path).name}
             write_json_atomically(report_path, report)
-            for name in ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "total"):
-                if name in scores:
+            for name in ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "abstained", "answered_f1", "total"):
+                if scores.get(name) is not None:
                     rows.append((f"{key} {decoding}", name, f"{scores[name]:.2f}" if name != "total" else str(scores[name])))
 
     if args.instructions_file or not (args.text_file or args.prepared_dir or args.squad_file or args.squad_v2_file

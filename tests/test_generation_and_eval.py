@@ -100,6 +100,21 @@ def test_run_eval_writes_a_report(model_dir, tmp_path):
     assert saved["instructions"]["ended_by_itself"] == 1.0 and saved["instructions"]["in_format"] == 0.0
 
 
+def test_squad_scores_say_how_often_the_model_abstains_and_how_good_its_answers_are(tokenizer, tmp_path, monkeypatch):
+    import trm.evaluation as evaluation
+
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "Rollo led the Normans in 911.", "qas": [
+        {"id": str(i), "question": q, "answers": [{"text": a, "answer_start": 0}]}
+        for i, (q, a) in enumerate([("Who led the Normans?", "Rollo"), ("When?", "911"), ("Whom did Rollo lead?", "the Normans")])]}]}]}))
+    replies = iter(["Rollo", NO_ANSWER_REPLY, "Normans"])
+    monkeypatch.setattr(evaluation, "generate_reply", lambda *args, **kwargs: (next(replies), True))
+    scores = evaluation.squad_evaluation(model_preferring(EOS, strength=0.0), tokenizer, str(squad), limit=None)
+    assert scores["abstained"] == pytest.approx(100 / 3)
+    assert scores["answered_f1"] == pytest.approx(100.0)  # "Normans" matches "the Normans" once articles are dropped
+    assert scores["f1"] == pytest.approx(200 / 3)
+
+
 def test_run_eval_refuses_an_empty_instructions_file(model_dir, tmp_path):
     empty = tmp_path / "instructions.txt"
     empty.write_text("\n  \n")

@@ -159,7 +159,11 @@ def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: s
     scores = metric.compute(predictions=predictions, references=[row["answers"] for row in rows])
     examples = [{"id": row["id"], "question": row["question"], "reply": reply, "answers": row["answers"]}
                 for row, reply in zip(rows[:20], replies)]
-    return {**scores, "decoding": decoding, "questions_too_long": replies.count(None), "examples": examples}
+    # Where the score goes: how often the model abstains, and how good the answers it does give are.
+    answered = [best_f1(reply, row["answers"]) for reply, row in zip(replies, rows) if reply not in (None, NO_ANSWER_REPLY)]
+    return {**scores, "decoding": decoding, "questions_too_long": replies.count(None),
+            "abstained": 100.0 * replies.count(NO_ANSWER_REPLY) / max(1, len(rows)),
+            "answered_f1": 100.0 * sum(answered) / len(answered) if answered else None, "examples": examples}
 
 
 def calibrate_no_answer(model, tokenizer, path: str, limit: int | None, settings: GroundedSettings) -> dict:
