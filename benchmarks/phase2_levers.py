@@ -33,6 +33,7 @@ LEVERS = {
     "v2_without_v1_duplicates": ["--squad_v2_drop_v1_duplicates", "true"],
     "lr_1e-3": ["--learning_rate", "1e-3"],
     "prompt_weight_0.1": ["--prompt_loss_weight", "0.1"],
+    "unanswerable_2000": ["--squad_v2_max_unanswerable", "2000"],  # about half of the shared v2.0 part's
 }
 
 

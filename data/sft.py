@@ -55,6 +55,7 @@ class SftDataArguments:
     validation_max_examples: int = field(default=200, metadata={"help": "Validation cap per source."})
     max_seq_length: int = field(default=256, metadata={"help": "Tokens per example (the context length)."})
     squad_layout: str = field(default=DEFAULT_SQUAD_LAYOUT, metadata={"help": f"Reading-comprehension prompt layout: {' | '.join(SQUAD_LAYOUTS)}; stored with the model."})
+    squad_v2_max_unanswerable: int | None = field(default=None, metadata={"help": "Training cap on SQuAD v2.0 questions without an answer (the held-out split keeps them all)."})
     squad_v2_drop_v1_duplicates: bool = field(default=False, metadata={"help": "Leave out SQuAD v2.0 questions that SQuAD v1.1 also has (its answerable ones)."})
 
 
@@ -178,6 +179,11 @@ def prepare_sft_data(args: SftDataArguments, tokenizer, seed: int = 42) -> tuple
         train, validation = _split_groups(conversations, args)
         cap = getattr(args, f"{source}_max_examples")
         rng.shuffle(train)
+        if source == "squad_v2" and args.squad_v2_max_unanswerable is not None:
+            left_out = {id(c) for c in [c for c in train if not c.answers][args.squad_v2_max_unanswerable:]}
+            if left_out:
+                counts["left out: unanswerable beyond squad_v2_max_unanswerable"] += len(left_out)
+                train = [c for c in train if id(c) not in left_out]
         source_report = {"records": len(conversations)}
         for split, items, limit in (("train", train, cap), ("validation", validation, args.validation_max_examples)):
             # Encoded until the cap is reached, so examples dropped for length are replaced by others that fit.

@@ -169,6 +169,23 @@ def test_squad_v2_questions_already_in_v1_can_be_left_out_and_are_counted(tmp_pa
     assert report["squad_v2"]["skipped_or_changed"]["left out: question also in SQuAD v1.1"] == 1
 
 
+def test_the_unanswerable_share_of_squad_v2_training_is_capped_and_counted(tmp_path, tokenizer):
+    paragraphs = [{"context": f"Passage {i} says that river {i} is long.", "qas": [
+        {"id": f"a{i}", "question": f"What is long in passage {i}?", "answers": [{"text": f"river {i}", "answer_start": 20}]},
+        {"id": f"u{i}", "question": f"Who wrote passage {i}?", "answers": [], "is_impossible": True}]} for i in range(20)]
+    v2 = tmp_path / "v2.json"
+    v2.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    args = SftDataArguments(squad_v2_file=str(v2), validation_split_percentage=10.0)
+    data, report = prepare_sft_data(args, tokenizer)
+    trained = report["squad_v2"]["train"]["examples"]
+    args.squad_v2_max_unanswerable = 3
+    capped, capped_report = prepare_sft_data(args, tokenizer)
+    left_out = capped_report["squad_v2"]["skipped_or_changed"]["left out: unanswerable beyond squad_v2_max_unanswerable"]
+    assert capped_report["squad_v2"]["train"]["examples"] == trained - left_out and trained // 2 - left_out == 3
+    abstaining = [row for row in capped["train"] if tokenizer.decode(row["input_ids"]).count("does not contain the answer")]
+    assert len(abstaining) == 3 and capped["validation"]["input_ids"] == data["validation"]["input_ids"]
+
+
 def test_a_passage_shared_by_squad_versions_lands_in_one_split(tmp_path):
     v1, _ = _load("squad", _squad_file(tmp_path / "v1.json", "1.1"))
     v2, _ = _load("squad_v2", _squad_file(tmp_path / "v2.json", "v2.0"))
