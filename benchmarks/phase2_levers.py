@@ -99,7 +99,7 @@ def summary(run_dir: Path) -> dict:
     speeds = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
     report_path = run_dir / "lever_eval.json"
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}  # partial if cut short
-    squad = {key: {k: v for k, v in value.items() if k in ("f1", "exact", "HasAns_f1", "NoAns_f1", "total")}
+    squad = {key: {k: v for k, v in value.items() if k in ("f1", "exact", "HasAns_f1", "NoAns_f1", "abstained", "answered_f1", "total")}
              for key, value in report.items() if key.startswith("squad_")}
     return {"validation_loss": final["eval_loss"], "per_source_loss": per_source, "squad": squad,
             "ended_by_itself": report.get("instructions", {}).get("ended_by_itself"),

@@ -169,7 +169,7 @@ def render_markdown(report: dict) -> str:
         ("phase 2", "wall time (s)", _number(phase2["wall_s"], 0)),
     ]
     for key, scores in report["squad"].items():
-        metrics = ["exact", "f1"] + [m for m in ("HasAns_f1", "NoAns_f1") if m in scores]
+        metrics = ["exact", "f1"] + [m for m in ("HasAns_f1", "NoAns_f1", "abstained") if scores.get(m) is not None]
         rows.append((key, ", ".join(metrics), " / ".join(f"{scores[m]:.1f}" for m in metrics)))
     lines = ["| stage | measure | value |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"
