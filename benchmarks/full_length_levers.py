@@ -31,7 +31,7 @@ from pathlib import Path
 
 import phase1_levers
 import phase2_levers
-from phase1_levers import run_summary
+from phase1_levers import chosen_runs, json_ready, run_summary
 from phase2_levers import evaluation_command, source_arguments, summary, train_then_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,11 +81,8 @@ def main() -> None:
     parser.add_argument("--phase1_args", default="", help="extra run_clm.py arguments for every phase-1 run")
     parser.add_argument("--phase2_args", default="", help="extra run_sft.py arguments for every phase-2 run")
     args = parser.parse_args()
-    phase1_runs = [name for name in args.phase1_runs.split(",") if name]
-    phase2_runs = [name for name in args.phase2_runs.split(",") if name]
-    unknown = [n for n in phase1_runs if n not in PHASE1_LEVERS] + [n for n in phase2_runs if n not in PHASE2_LEVERS]
-    if unknown:
-        parser.error(f"unknown runs: {', '.join(unknown)}.")
+    phase1_runs = chosen_runs(parser, args.phase1_runs, PHASE1_LEVERS)
+    phase2_runs = chosen_runs(parser, args.phase2_runs, PHASE2_LEVERS)
     shared, output = Path(args.shared), Path(args.output_dir)
     for path in (shared / "wiki" / "enwiki_pages_sample.jsonl.xz", Path(args.alpaca_file)):
         if not path.is_file():
@@ -135,11 +132,11 @@ def main() -> None:
     result = {
         "wall_s": round(time.perf_counter() - started, 1), "arguments": vars(args), "failures": failures,
         "recipe": json.loads((recipe_dir / "report.json").read_text()) if (recipe_dir / "report.json").is_file() else None,
-        "phase1": {name: _stringify(run_summary(folder)) for name, folder in
+        "phase1": {name: json_ready(run_summary(folder)) for name, folder in
                    [("recipe", recipe_dir / "phase1"), *((n, output / f"phase1_{n}") for n in phase1_runs)]
                    if (folder / "training_log.json").is_file()},
-        "phase2": {name: summary(folder) for name, folder in
-                   [*((n, output / f"phase2_{n}") for n in phase2_runs)] if (folder / "training_log.json").is_file()},
+        "phase2": {name: summary(output / f"phase2_{name}") for name in phase2_runs
+                   if (output / f"phase2_{name}" / "training_log.json").is_file()},
     }
     tmp = output / "summary.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
@@ -155,11 +152,6 @@ def _failure_of(function, name: str) -> str | None:
     except RuntimeError as error:
         return str(error)
     return None
-
-
-def _stringify(run: dict) -> dict:
-    return {**run, "eval_loss": {str(k): v for k, v in run["eval_loss"].items()},
-            "copy_loss": {str(k): v for k, v in run["copy_loss"].items()}}
 
 
 if __name__ == "__main__":

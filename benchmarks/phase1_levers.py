@@ -54,6 +54,21 @@ def run_summary(run_dir: Path) -> dict:
             "tokens_per_second": sorted(speeds)[len(speeds) // 2] if speeds else None}
 
 
+def json_ready(summary: dict) -> dict:
+    """A run_summary with its token counts as JSON keys."""
+    return {**summary, "eval_loss": {str(k): v for k, v in summary["eval_loss"].items()},
+            "copy_loss": {str(k): v for k, v in summary["copy_loss"].items()}}
+
+
+def chosen_runs(parser: argparse.ArgumentParser, text: str, levers: dict) -> list[str]:
+    """The comma-separated run names of `text`; an unknown one ends the program with the choices."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in levers]
+    if unknown:
+        parser.error(f"unknown runs {', '.join(unknown)}; choose from {', '.join(levers)}.")
+    return names
+
+
 def plot_curves(summaries: dict, path: Path) -> None:
     import matplotlib
 
@@ -85,10 +100,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--output_dir", default="outputs/phase1_levers")
     args = parser.parse_args()
-    names = [name.strip() for name in args.runs.split(",") if name.strip()]
-    unknown = [name for name in names if name not in LEVERS]
-    if unknown:
-        parser.error(f"unknown runs {', '.join(unknown)}; choose from {', '.join(LEVERS)}.")
+    names = chosen_runs(parser, args.runs, LEVERS)
 
     output = Path(args.output_dir)
     pending = [name for name in names if not (output / name / "training_log.json").is_file()]
@@ -113,9 +125,8 @@ def main() -> None:
         print(f"{count:>10,} " + " ".join(f"{s['eval_loss'][count]:>18.4f}" for s in summaries.values()))
     print(f"{'copy loss':>10} " + " ".join(f"{s['copy_loss'].get(tokens[-1], float('nan')):>18.3f}" for s in summaries.values()))
     print(f"{'tokens/s':>10} " + " ".join(f"{s['tokens_per_second'] or 0:>18,.0f}" for s in summaries.values()))
-    result = {"max_steps": args.max_steps, "threads_per_run": threads, "runs": {
-        name: {**s, "eval_loss": {str(k): v for k, v in s["eval_loss"].items()},
-               "copy_loss": {str(k): v for k, v in s["copy_loss"].items()}} for name, s in summaries.items()}}
+    result = {"max_steps": args.max_steps, "threads_per_run": threads,
+              "runs": {name: json_ready(s) for name, s in summaries.items()}}
     plot_curves(summaries, output / "levers.png")
     tmp = output / "levers.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))

@@ -24,6 +24,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from phase1_levers import chosen_runs
+
 ROOT = Path(__file__).resolve().parent.parent
 # The recipe as it stood before these measurements (passage-first SQuAD prompts); each lever changes one setting.
 BEFORE = ["--squad_layout", "passage_first"]
@@ -119,10 +121,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--output_dir", default="outputs/phase2_levers")
     args = parser.parse_args()
-    names = [name.strip() for name in args.runs.split(",") if name.strip()]
-    unknown = [name for name in names if name not in LEVERS]
-    if unknown:
-        parser.error(f"unknown runs {', '.join(unknown)}; choose from {', '.join(LEVERS)}.")
+    names = chosen_runs(parser, args.runs, LEVERS)
     if not Path(args.alpaca_file).is_file():
         parser.error(f"{args.alpaca_file} not found; make it with benchmarks/shared_data_splits.py.")
 
