@@ -36,11 +36,12 @@ sft: venv
 	$(TRAIN) run_sft.py recipes/phase2_instruction_tuning.yaml --model_name_or_path $(PHASE1_MODEL) $(ARGS)
 
 full-recipe: venv
-	$(PY) run_full_recipe.py $(if $(SQUAD),--squad_file $(SQUAD)) $(if $(SQUAD_V2),--squad_v2_file $(SQUAD_V2)) $(ARGS)
+	$(PY) run_full_recipe.py $(if $(SQUAD),--squad_file $(SQUAD)) $(if $(SQUAD_V2),--squad_v2_file $(SQUAD_V2)) \
+		$(if $(BLIMP),--blimp $(BLIMP)) $(ARGS)
 
 eval: venv
 	$(PY) run_eval.py $(MODEL) $(if $(TEXT),--text_file $(TEXT)) $(if $(SQUAD),--squad_file $(SQUAD)) \
-		$(if $(SQUAD_V2),--squad_v2_file $(SQUAD_V2)) $(if $(LIMIT),--limit $(LIMIT)) $(ARGS)
+		$(if $(SQUAD_V2),--squad_v2_file $(SQUAD_V2)) $(if $(BLIMP),--blimp $(BLIMP)) $(if $(LIMIT),--limit $(LIMIT)) $(ARGS)
 
 generate: venv
 	$(PY) run_chat.py $(MODEL) --prompt "$(PROMPT)" $(ARGS)

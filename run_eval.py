@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Evaluate a TRM model directory: perplexity / bits per byte, SQuAD v1.1 and v2.0, instruction following.
+"""Evaluate a TRM model directory: perplexity / bits per byte, BLiMP, SQuAD v1.1 and v2.0, instruction following.
 
     python run_eval.py outputs/phase1 --text_file held_out.txt
     python run_eval.py outputs/phase1 --prepared_dir cache/data/phase1-<key>     # the prepared validation split
+    python run_eval.py outputs/phase1 --blimp ../shared/data/blimp                # grammar: BLiMP minimal pairs
     python run_eval.py outputs/phase2 --squad_file dev-v1.1.json --squad_v2_file dev-v2.0.json --limit 500
     python run_eval.py outputs/phase2 --calibrate_no_answer dev-v2.0.json        # stores grounding.json
     python run_eval.py outputs/phase2                                             # the fixed instruction list
@@ -18,6 +19,7 @@ import os
 from pathlib import Path
 
 from data.files import DataError
+from trm.blimp import blimp_evaluation
 from trm.cli import run_main
 from trm.evaluation import (
     blocks_perplexity, calibrate_no_answer, copying_loss, instruction_evaluation, squad_evaluation, text_blocks,
@@ -36,8 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text_file", nargs="+", help="text files for perplexity (.txt/.jsonl/.json/.parquet, compressed too)")
     parser.add_argument("--prepared_dir", help="a prepared phase-1 dataset folder (cache/data/phase1-*)")
     parser.add_argument("--split", default="validation", help="split of --prepared_dir")
-    parser.add_argument("--squad_file", help="SQuAD v1.1 JSON (official layout)")
-    parser.add_argument("--squad_v2_file", help="SQuAD v2.0 JSON (official layout)")
+    parser.add_argument("--blimp", metavar="DIR", help="BLiMP: a directory of the authors' *.jsonl paradigm files, or hub (nyu-mll/blimp)")
+    parser.add_argument("--blimp_pairs_per_paradigm", type=int, default=None, help="score a seeded sample of N pairs per paradigm")
+    parser.add_argument("--squad_file", help="SQuAD v1.1 JSON (official layout), or hub: rajpurkar/squad validation")
+    parser.add_argument("--squad_v2_file", help="SQuAD v2.0 JSON (official layout), or hub: rajpurkar/squad_v2 validation")
     parser.add_argument("--decoding", choices=("free", "grounded", "both"), default="both",
                         help="SQuAD answers generated freely, as passage spans (trm/grounded.py), or both side by side")
     parser.add_argument("--calibrate_no_answer", metavar="SQUAD_V2_FILE",
@@ -64,6 +68,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise RecipeError("--limit must be at least 1.")
+    if args.blimp_pairs_per_paradigm is not None and args.blimp_pairs_per_paradigm < 1:
+        raise RecipeError("--blimp_pairs_per_paradigm must be at least 1.")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise RecipeError("--max_new_tokens must be at least 1.")
     model, tokenizer = load_model(args.model_name_or_path)
@@ -96,6 +102,12 @@ def main(argv=None) -> dict:
             rows += [(key, "perplexity", f"{r['perplexity']:.2f}"), (key, "bits per byte", f"{r['bits_per_byte']:.4f}"),
                      (key, "tokens", f"{r['tokens']:,}")]
 
+    if args.blimp:
+        report["blimp"] = blimp_evaluation(model, tokenizer, args.blimp, args.blimp_pairs_per_paradigm)
+        write_json_atomically(report_path, report)
+        rows += [("blimp", "mean of paradigms", f"{report['blimp']['mean']:.2f}"), ("blimp", "pairs", f"{report['blimp']['pairs']:,}")]
+        rows += [("blimp", field, f"{accuracy:.2f}") for field, accuracy in report["blimp"]["fields"].items()]
+
     if args.calibrate_no_answer:
         settings = GroundedSettings.for_model(args.model_name_or_path, prior_weight=args.prior_weight)
         calibration = calibrate_no_answer(model, tokenizer, args.calibrate_no_answer, args.limit, settings)
@@ -112,15 +124,16 @@ def main(argv=None) -> dict:
             # SQuAD v1.1 has no unanswerable questions: grounded decoding there always answers with a span.
             grounded = GroundedSettings.for_model(args.model_name_or_path, no_answer_threshold=args.no_answer_threshold,
                                                   prior_weight=args.prior_weight, allow_no_answer=key == "squad_v2.0")
-            scores = squad_evaluation(model, tokenizer, path, args.limit, decoding, grounded)
-            report[f"{key} {decoding}"] = {**scores, "file": Path(path).name}
+            source = "squad_v2" if key == "squad_v2.0" else "squad"
+            scores = squad_evaluation(model, tokenizer, path, args.limit, decoding, grounded, source=source)
+            report[f"{key} {decoding}"] = scores
             write_json_atomically(report_path, report)
             for name in ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "abstained", "answered_f1", "total"):
                 if scores.get(name) is not None:
                     rows.append((f"{key} {decoding}", name, f"{scores[name]:.2f}" if name != "total" else str(scores[name])))
 
     if args.instructions_file or not (args.text_file or args.prepared_dir or args.squad_file or args.squad_v2_file
-                                      or args.calibrate_no_answer):
+                                      or args.calibrate_no_answer or args.blimp):
         path = Path(args.instructions_file or DEFAULT_INSTRUCTIONS)
         instructions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not instructions:

@@ -29,12 +29,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--phase2_args", default="", help="extra run_sft.py arguments, as one string")
     parser.add_argument("--squad_file", help="SQuAD v1.1 file to score the phase-2 model on (questions it never saw)")
     parser.add_argument("--squad_v2_file", help="SQuAD v2.0 file to score the phase-2 model on")
+    parser.add_argument("--blimp", default="hub", help="BLiMP for the phase-1 evaluation: a directory of *.jsonl files, hub, or none")
+    parser.add_argument("--blimp_pairs_per_paradigm", type=int, help="score a seeded sample of N pairs per paradigm")
     parser.add_argument("--eval_limit", type=int, help="at most this many questions / validation blocks per evaluation")
     args = parser.parse_args(argv)
     recipe = FullRecipe(
         output_dir=Path(args.output_dir), phase1_recipe=args.phase1_recipe, phase2_recipe=args.phase2_recipe,
         phase1_args=shlex.split(args.phase1_args), phase2_args=shlex.split(args.phase2_args),
         squad_file=args.squad_file, squad_v2_file=args.squad_v2_file, eval_limit=args.eval_limit,
+        blimp=None if args.blimp == "none" else args.blimp, blimp_pairs_per_paradigm=args.blimp_pairs_per_paradigm,
     )
     return run(recipe)
 

@@ -25,7 +25,7 @@ PHASE1_RECIPE = "recipes/phase1_pretraining.yaml"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", nargs="+", help=f"text files to index (default: the corpus of --recipe)")
+    parser.add_argument("--corpus", nargs="+", help="text files to index (default: the corpus of --recipe)")
     parser.add_argument("--recipe", default=PHASE1_RECIPE, help="phase-1 recipe whose corpus is indexed when --corpus is not given")
     parser.add_argument("--text_column", default="text", help="field holding the text in JSON/parquet records")
     parser.add_argument("--index", default="cache/index.sqlite", help="the index file (created if missing)")

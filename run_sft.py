@@ -12,7 +12,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments
 
-from data.instruction_sources import HUB_DATASETS
+from data.hub import HUB_SOURCES
 from data.sft import SftDataArguments, describe_mix, prepare_sft_data
 from data.tokenizer import load_tokenizer
 from models.gpt2 import parameter_counts
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics.update(trainer.evaluate(eval_dataset=held_out, metric_key_prefix=f"eval_{source}"))
     mix = ", ".join(f"{s} {r['train']['examples']:,}" for s, r in report.items())
     phase1_datasets, phase1_unknown = base_model_datasets(model_args.model_name_or_path)
-    tuned_on = [HUB_DATASETS[source][0] for source in report if source in HUB_DATASETS]
+    tuned_on = [HUB_SOURCES[source].name for source in report if source in HUB_SOURCES]
     card = build_card(
         title="TRM phase 2: instruction-tuned GPT-2",
         description=(

@@ -1,8 +1,8 @@
 """Phase-2 sources: Alpaca, SQuAD v1.1/v2.0, DailyDialog and generic chat JSONL, as conversations.
 
 Design decisions:
-- Every loader reads either the Hub (through `datasets.load_dataset`, when the path is `hub`) or a local
-  file in the source's original format, and yields `Conversation`s: a list of user/assistant messages
+- Every loader reads either the Hub (`data.hub`, when the path is `hub`) or a local file in the source's
+  original format, and yields `Conversation`s: a list of user/assistant messages
   plus a `group` key. Examples sharing a group (the questions of one SQuAD passage) always land in the
   same split, so no passage is seen in training and validation both.
 - A malformed record is skipped and counted in the source's `SkipCounter` with its reason; it never
@@ -25,15 +25,10 @@ from pathlib import Path
 from typing import Iterator
 
 from data.files import DataError, SkipCounter, read_records
+from data.hub import HUB_SOURCES, load_hub_dataset
 from data.prompt_format import validate_messages
 from trm import rules
 
-HUB_DATASETS = {
-    "alpaca": ("tatsu-lab/alpaca", None),
-    "squad": ("rajpurkar/squad", None),
-    "squad_v2": ("rajpurkar/squad_v2", None),
-    "dailydialog": ("li2017dailydialog/daily_dialog", None),
-}
 SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([,.!?;:%)’]|n't|'s|'re|'m|'ll|'ve|'d)(?=\s|$|[,.!?])")
 SPACE_AFTER_OPEN = re.compile(r"([(“$])\s+")
 SPACED_CONTRACTION = re.compile(r"(\w) ?[’'] ?(s|t|m|re|ll|ve|d)\b")
@@ -51,26 +46,19 @@ class Conversation:
     answer_start: int | None = None
 
 
-def _load_hub(source: str, split: str = "train"):
-    from datasets import load_dataset
-
-    name, config = HUB_DATASETS[source]
-    try:
-        return load_dataset(name, config, split=split)
-    except Exception as error:  # the datasets library raises many types for network/Hub failures
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(
-            f"could not load {name} from the Hugging Face Hub ({reason}); if you are offline, give a local file instead."
-        ) from None
+def _load_hub(source: str, split: str | None = None, streaming: bool = False):
+    """Rows of a phase-2 source from the Hub (its training split unless `split` says otherwise)."""
+    hub = HUB_SOURCES[source]
+    return load_hub_dataset(hub, split or hub.train_split, f"give a local file with --{source}_file", streaming)
 
 
 def _text(value) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-def load_alpaca(path: str, skipped: SkipCounter) -> Iterator[Conversation]:
+def load_alpaca(path: str, skipped: SkipCounter, streaming: bool = False) -> Iterator[Conversation]:
     """Alpaca: a JSON list of {instruction, input, output} (input may be empty)."""
-    records = _load_hub("alpaca") if path == "hub" else read_records(path, skipped)
+    records = _load_hub("alpaca", streaming=streaming) if path == "hub" else read_records(path, skipped)
     for index, record in enumerate(records):
         if not isinstance(record, dict) or not {"instruction", "output"} <= set(record):
             skipped["records without instruction/output"] += 1
@@ -104,10 +92,11 @@ def _hub_layout_answers(row: dict) -> dict:
     return {**row, "answers": listed, "is_impossible": not listed}
 
 
-def squad_rows(path: str, skipped: SkipCounter, source: str = "squad") -> Iterator[dict]:
-    """Rows of a SQuAD file: the official nested JSON, or flat rows in the Hub's layout (the Hub itself, or a
-    local parquet / JSON / JSON-lines export of it)."""
-    records = _load_hub(source) if path == "hub" else read_records(path, skipped)
+def squad_rows(path: str, skipped: SkipCounter, source: str, split: str | None = None,
+               streaming: bool = False) -> Iterator[dict]:
+    """Rows of a SQuAD file: the official nested JSON, or flat rows in the Hub's layout (the Hub itself, `source`
+    at `split`, or a local parquet / JSON / JSON-lines export of it)."""
+    records = _load_hub(source, split, streaming) if path == "hub" else read_records(path, skipped)
     for record in records:
         if isinstance(record.get("data"), list):
             yield from squad_rows_from_official(record, path)
@@ -115,10 +104,10 @@ def squad_rows(path: str, skipped: SkipCounter, source: str = "squad") -> Iterat
             yield _hub_layout_answers(record)
 
 
-def load_squad(path: str, skipped: SkipCounter, version: str) -> Iterator[Conversation]:
+def load_squad(path: str, skipped: SkipCounter, version: str, streaming: bool = False) -> Iterator[Conversation]:
     """SQuAD v1.1 / v2.0 in the official nested JSON layout, or the Hub's flat rows."""
     source = "squad_v2" if version == "2.0" else "squad"
-    for row in squad_rows(path, skipped, source):
+    for row in squad_rows(path, skipped, source, streaming=streaming):
         context, question = _text(row.get("context")), _text(row.get("question"))
         answers = [a for a in row.get("answers") or [] if isinstance(a, dict) and _text(a.get("text"))]
         impossible = bool(row.get("is_impossible", False))
@@ -167,10 +156,10 @@ def _dialogue_conversation(turns: list[str], skipped: SkipCounter) -> Conversati
     return Conversation("dailydialog", f"dailydialog:{turns[0][:200]}", messages)
 
 
-def load_dailydialog(path: str, skipped: SkipCounter) -> Iterator[Conversation]:
+def load_dailydialog(path: str, skipped: SkipCounter, streaming: bool = False) -> Iterator[Conversation]:
     """DailyDialog: original `dialogues_*.txt` (turns split by `__eou__`), or rows with a `dialog` list."""
     if path == "hub":
-        dialogues = (row["dialog"] for row in _load_hub("dailydialog"))
+        dialogues = (row["dialog"] for row in _load_hub("dailydialog", streaming=streaming))
     elif Path(path).suffix == ".txt":
         dialogues = (line["text"].split("__eou__") for line in read_records(path, skipped, text_sample_by="line"))
     else:
@@ -199,12 +188,13 @@ def load_chat(path: str, skipped: SkipCounter) -> Iterator[Conversation]:
         yield Conversation("chat", f"chat:{index}", messages)
 
 
-def load_source(source: str, path: str, skipped: SkipCounter) -> Iterator[Conversation]:
+def load_source(source: str, path: str, skipped: SkipCounter, streaming: bool = False) -> Iterator[Conversation]:
+    """The conversations of one phase-2 source; `streaming` reads the Hub row by row (the preflight's first row)."""
     loaders = {
-        "alpaca": lambda: load_alpaca(path, skipped),
-        "squad": lambda: load_squad(path, skipped, "1.1"),
-        "squad_v2": lambda: load_squad(path, skipped, "2.0"),
-        "dailydialog": lambda: load_dailydialog(path, skipped),
+        "alpaca": lambda: load_alpaca(path, skipped, streaming),
+        "squad": lambda: load_squad(path, skipped, "1.1", streaming),
+        "squad_v2": lambda: load_squad(path, skipped, "2.0", streaming),
+        "dailydialog": lambda: load_dailydialog(path, skipped, streaming),
         "chat": lambda: load_chat(path, skipped),
     }
     if source not in loaders:

@@ -11,7 +11,7 @@ Design decisions:
   is applied, so a capped run sees a sample of the whole corpus rather than its first articles.
 - Each document ends with `<|endoftext|>`; blocks are cut `group_texts`-style with no padding. The
   tail of each map batch that does not fill a block is dropped and counted.
-- The result is saved with `save_to_disk` under a key that hashes the data arguments, the input files
+- The result is saved by `data.cache` under a key that hashes the data arguments, the input files
   (path, size, mtime), the tokenizer files and `PIPELINE_VERSION`, written to a temporary folder and
   renamed into place, so a second run starts at once and an interrupted one leaves nothing half-written.
 """
@@ -19,20 +19,20 @@ Design decisions:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, Sequence, Value, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from data.cleaning import clean_text
+from data.cache import fingerprint, load_prepared, save_prepared
 from data.files import DataError, SkipCounter, read_records
-from data.tokenizer import EOS_TOKEN_ID, FILE_SHA256, load_tokenizer
+from data.hub import HubSource, first_row, load_hub_dataset
+from data.tokenizer import EOS_TOKEN_ID, load_tokenizer
 from trm import rules
 
 logger = logging.getLogger(__name__)
@@ -82,16 +82,16 @@ def _load_local(paths: list[str], args: PretrainingDataArguments, skipped: SkipC
     return Dataset.from_dict({"text": texts})
 
 
+def hub_source(args: PretrainingDataArguments) -> HubSource:
+    return HubSource(args.dataset_name, args.dataset_config_name)
+
+
+HUB_HINT = "pass local files with --train_file"
+
+
 def _load_hub(args: PretrainingDataArguments) -> Dataset:
     rules.check_plain_text_hub_dataset(args.dataset_name)
-    try:
-        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split="train")
-    except Exception as error:  # the datasets library raises many types for network/Hub failures
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(
-            f"could not load {args.dataset_name} ({args.dataset_config_name}) from the Hugging Face Hub ({reason}); "
-            "if you are offline, pass local files with --train_file."
-        ) from None
+    dataset = load_hub_dataset(hub_source(args), "train", HUB_HINT)
     rules.check_plain_text_record(dict.fromkeys(dataset.column_names), args.dataset_name)  # the schema of every row
     if args.text_column not in dataset.column_names:
         raise DataError(f"{args.dataset_name} has no {args.text_column!r} column (it has {dataset.column_names}).")
@@ -105,14 +105,43 @@ def _load_hub(args: PretrainingDataArguments) -> Dataset:
     return dataset
 
 
-def _fingerprint(args: PretrainingDataArguments, seed: int) -> str:
+def preflight_pretraining_sources(args: PretrainingDataArguments) -> None:
+    """Open the configured text (local files or the Hub, streamed) and check its first record: plain text in the
+    text column, under the phase-1 rules. Stops a broken source in seconds, before any preparation."""
+    problems = []
+    if args.train_file:
+        for path in args.train_file:
+            skipped = SkipCounter()
+            try:
+                record = next(iter(read_records(path, skipped, args.text_sample_by)), None)
+            except DataError as error:
+                problems.append(str(error))
+                continue
+            if record is None:
+                problems.append(f"{path}: no documents found (skipped: {skipped.describe()}).")
+                continue
+            rules.check_plain_text_record(record, f"{path} (record 1)")
+            if not isinstance(record.get(args.text_column), str):
+                problems.append(f"{path}: its first record has no text field {args.text_column!r} (it has {sorted(record)}).")
+    else:
+        rules.check_plain_text_hub_dataset(args.dataset_name)
+        try:
+            row = first_row(hub_source(args), "train", HUB_HINT)
+        except DataError as error:
+            problems.append(str(error))
+        else:
+            rules.check_plain_text_record(dict.fromkeys(row), args.dataset_name)
+            if not isinstance(row.get(args.text_column), str):
+                problems.append(f"{args.dataset_name} has no {args.text_column!r} column (it has {sorted(row)}).")
+    if problems:
+        raise DataError("\n".join(problems))
+
+
+def prepared_data_path(args: PretrainingDataArguments, seed: int) -> Path:
+    """Where the prepared blocks of these settings are (or will be) kept."""
     settings = {k: v for k, v in asdict(args).items() if k not in ("preprocessing_num_workers", "data_cache_dir", "overwrite_cache")}
-    files = []
-    for path in [*(args.train_file or []), *([args.validation_file] if args.validation_file else [])]:
-        stat = Path(path).stat() if Path(path).exists() else None
-        files.append([str(Path(path).resolve()), stat and stat.st_size, stat and stat.st_mtime_ns])
-    payload = json.dumps([PIPELINE_VERSION, settings, seed, files, FILE_SHA256], sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    paths = [*(args.train_file or []), *([args.validation_file] if args.validation_file else [])]
+    return Path(args.data_cache_dir) / f"phase1-{fingerprint(PIPELINE_VERSION, settings, paths, seed)}"
 
 
 def _clean_batch(batch: dict, min_chars: int) -> dict:
@@ -196,12 +225,12 @@ def prepare_pretraining_data(args: PretrainingDataArguments, seed: int = 42) -> 
     """Return the packed train/validation blocks and a statistics report, from cache when possible."""
     if args.block_size < 2:
         raise DataError(f"block_size must be at least 2, got {args.block_size}.")
-    cache_root = Path(args.data_cache_dir)
-    cache_path = cache_root / f"phase1-{_fingerprint(args, seed)}"
-    if cache_path.is_dir() and not args.overwrite_cache:
-        stats = json.loads((cache_path / "stats.json").read_text())
-        stats["from_cache"] = stats["cache_dir"] = str(cache_path)
-        return load_from_disk(str(cache_path / "dataset")), stats
+    cache_path = prepared_data_path(args, seed)
+    cached = None if args.overwrite_cache else load_prepared(cache_path)
+    if cached:
+        cached[1]["from_cache"] = cached[1]["cache_dir"] = str(cache_path)
+        return cached
+    preflight_pretraining_sources(args)
 
     started = time.time()
     skipped = SkipCounter()
@@ -229,14 +258,9 @@ def prepare_pretraining_data(args: PretrainingDataArguments, seed: int = 42) -> 
     stats["skipped"] = dict(skipped)
     stats["seconds"] = round(time.time() - started, 1)
 
-    tmp_path = cache_root / f".tmp-{cache_path.name}-{os.getpid()}"
-    shutil.rmtree(tmp_path, ignore_errors=True)
-    splits.save_to_disk(str(tmp_path / "dataset"))
-    (tmp_path / "stats.json").write_text(json.dumps(stats, indent=2))
-    shutil.rmtree(cache_path, ignore_errors=True)
-    os.replace(tmp_path, cache_path)
+    splits = save_prepared(splits, stats, cache_path)
     stats["cache_dir"] = str(cache_path)
-    return load_from_disk(str(cache_path / "dataset")), stats
+    return splits, stats
 
 
 def describe_stats(stats: dict) -> str:

@@ -16,6 +16,8 @@ Design decisions:
   filled with examples that fit the context); the defaults keep the 10x larger SQuAD from swamping
   DailyDialog and Alpaca. A source left with no example that fits is an error naming the reason. The
   final mix (examples, tokens, label tokens per source) is returned for the run to print.
+- Prepared once per settings (`data.cache`, like phase 1); before preparing, every source is opened and its
+  first record read (`preflight_sft_sources`), so a broken source stops the run in seconds.
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ import hashlib
 import logging
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
+from data.cache import fingerprint, load_prepared, save_prepared
 from data.files import DataError, SkipCounter
 from data.instruction_sources import Conversation, load_source
 from data.prompt_format import DEFAULT_SQUAD_LAYOUT, NO_ANSWER_REPLY, SQUAD_LAYOUTS, reading_comprehension_message, render
 
 logger = logging.getLogger(__name__)
 SOURCES = ("alpaca", "squad", "squad_v2", "dailydialog", "chat")
+PIPELINE_VERSION = 1  # bump when a change alters the prepared examples
 IGNORE_INDEX = -100
 
 
@@ -57,6 +62,8 @@ class SftDataArguments:
     squad_layout: str = field(default=DEFAULT_SQUAD_LAYOUT, metadata={"help": f"Reading-comprehension prompt layout: {' | '.join(SQUAD_LAYOUTS)}; stored with the model."})
     squad_v2_max_unanswerable: int | None = field(default=None, metadata={"help": "Training cap on SQuAD v2.0 questions without an answer (the held-out split keeps them all)."})
     squad_v2_drop_v1_duplicates: bool = field(default=False, metadata={"help": "Leave out SQuAD v2.0 questions that SQuAD v1.1 also has (its answerable ones)."})
+    data_cache_dir: str = field(default="cache/data", metadata={"help": "Where prepared datasets are kept."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Prepare again even if a cached copy exists."})
 
 
 def _hash_fraction(key: str) -> float:
@@ -153,11 +160,50 @@ def _split_groups(conversations: list[Conversation], args: SftDataArguments) -> 
     return train, validation
 
 
-def prepare_sft_data(args: SftDataArguments, tokenizer, seed: int = 42) -> tuple[DatasetDict, dict]:
-    """Return train/validation datasets of `input_ids`, `labels`, `length` and a per-source report."""
+def configured_sources(args: SftDataArguments) -> dict[str, str]:
     sources = {s: getattr(args, f"{s}_file") for s in SOURCES if getattr(args, f"{s}_file")}
     if not sources:
         raise DataError("no phase-2 source given; set at least one of " + ", ".join(f"{s}_file" for s in SOURCES) + ".")
+    return sources
+
+
+def preflight_sft_sources(args: SftDataArguments) -> None:
+    """Open every configured source and read its first usable conversation (Hub sources streamed), so a broken
+    source stops the run in seconds, before any training; one sentence per broken source."""
+    problems = []
+    for source, path in configured_sources(args).items():
+        skipped = SkipCounter()
+        try:
+            if next(iter(load_source(source, path, skipped, streaming=True)), None) is None:
+                problems.append(f"{source}: no usable record in {path} (skipped: {skipped.describe()}).")
+        except DataError as error:
+            problems.append(f"{source}: {error}")
+    if problems:
+        raise DataError("\n".join(problems))
+
+
+def prepared_data_path(args: SftDataArguments, seed: int) -> Path:
+    """Where the prepared examples of these settings are (or will be) kept."""
+    settings = {k: v for k, v in asdict(args).items() if k not in ("data_cache_dir", "overwrite_cache")}
+    paths = [path for path in configured_sources(args).values() if path != "hub"]
+    return Path(args.data_cache_dir) / f"phase2-{fingerprint(PIPELINE_VERSION, settings, paths, seed)}"
+
+
+def prepare_sft_data(args: SftDataArguments, tokenizer, seed: int = 42) -> tuple[DatasetDict, dict]:
+    """Return train/validation datasets of `input_ids`, `labels`, `length`, `source` and a per-source report,
+    from cache when these settings were prepared before; otherwise every source is checked first."""
+    cache_path = prepared_data_path(args, seed)
+    cached = None if args.overwrite_cache else load_prepared(cache_path)
+    if cached:
+        logger.info("phase-2 data from cache: %s", cache_path)
+        return cached
+    preflight_sft_sources(args)
+    datasets_, report = _prepare(args, tokenizer, seed)
+    return save_prepared(datasets_, report, cache_path), report
+
+
+def _prepare(args: SftDataArguments, tokenizer, seed: int) -> tuple[DatasetDict, dict]:
+    sources = configured_sources(args)
     if args.squad_layout not in SQUAD_LAYOUTS:
         raise DataError(f"squad_layout must be one of {', '.join(SQUAD_LAYOUTS)}, got {args.squad_layout!r}.")
     rng = random.Random(seed)

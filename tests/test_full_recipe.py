@@ -23,24 +23,29 @@ def test_full_recipe_runs_every_stage_writes_the_report_and_resumes_without_redo
     dialogues = tmp_path / "dialogues.txt"
     dialogues.write_text("".join(f"Hello , I am {i} . __eou__ Nice to meet you ! __eou__\n" for i in range(40)))
     squad_train, squad_test = _squad(tmp_path / "train-v2.0.json", 30), _squad(tmp_path / "test-v2.0.json", 4)
+    blimp = tmp_path / "blimp"
+    blimp.mkdir()
+    (blimp / "agreement.jsonl").write_text("".join(json.dumps({"sentence_good": f"The cat {i} sleeps.", "sentence_bad": f"The cat {i} sleep.",
+                                                                "field": "morphology", "UID": "agreement"}) + "\n" for i in range(6)))
     common = "--precision fp32 --report_to none --disable_tqdm true --logging_steps 2 --eval_steps 3 --save_steps 3 --max_steps 6"
     argv = [
-        "--output_dir", str(tmp_path / "full"), "--eval_limit", "4",
+        "--output_dir", str(tmp_path / "full"), "--eval_limit", "4", "--blimp", str(blimp),
         "--squad_file", str(squad_test), "--squad_v2_file", str(squad_test),
         "--phase1_args", f"--config_name {tiny_config_path} --train_file {wiki_jsonl} --block_size 32 --min_document_chars 20 "
                          f"--validation_split_percentage 10 --data_cache_dir {tmp_path / 'cache'} {common}",
         "--phase2_args", f"--alpaca_file {alpaca} --dailydialog_file {dialogues} --squad_v2_file {squad_train} "
-                         f"--squad_file {squad_train} --max_seq_length 64 --validation_split_percentage 20 "
+                         f"--squad_file {squad_train} --max_seq_length 64 --validation_split_percentage 20 --data_cache_dir {tmp_path / 'cache'} "
                          f"--per_device_train_batch_size 4 {common}",
     ]
     report = run_full_recipe.main(argv)
     phase1, phase2 = report["phase1"], report["phase2"]
     assert 0 < phase1["tokens_seen"] <= 6 * 8 * 4 * 32 and phase1["validation_loss"] < 11 and phase1["bits_per_byte"] > 0
+    assert phase1["blimp"]["pairs"] == 6 and 0 <= phase1["blimp"]["mean"] <= 100
     assert phase1["copying"]["copy_loss"] > 0 and phase1["wall_s"] > 0 and phase1["tokens_per_second"] > 0
     assert phase2["validation_loss"] > 0 and 0 <= phase2["instructions"]["ended_by_itself"] <= 1
     assert set(report["squad"]) == {"squad_v1.1 free", "squad_v1.1 grounded", "squad_v2.0 free", "squad_v2.0 grounded"}
     markdown = (tmp_path / "full" / "report.md").read_text()
-    assert "held-out bits per byte" in markdown and "squad_v2.0 grounded" in markdown
+    assert "held-out bits per byte" in markdown and "BLiMP" in markdown and "squad_v2.0 grounded" in markdown
     assert json.loads((tmp_path / "full" / "report.json").read_text()) == json.loads(json.dumps(report))
 
     capsys.readouterr()

@@ -97,27 +97,3 @@ def test_instruction_records_late_in_a_file_are_refused(tmp_path, wiki_jsonl):
         prepare_pretraining_data(_args(tmp_path, [text_only]))
 
 
-def test_the_hub_source_reads_the_wikipedia_layout(tmp_path, monkeypatch):
-    from datasets import Dataset
-
-    import data.pretraining as pretraining
-
-    pages = [{"id": str(i), "url": f"https://simple.wikipedia.org/wiki/{i}", "title": f"Page {i}",
-              "text": f"Page {i} is an article about the number {i}. It is a page of plain running text."} for i in range(80)]
-    requested = {}
-
-    def fake_load_dataset(name, config, split):
-        requested.update(name=name, config=config, split=split)
-        return Dataset.from_list(pages)
-
-    monkeypatch.setattr(pretraining, "load_dataset", fake_load_dataset)
-    args = PretrainingDataArguments(dataset_name="wikimedia/wikipedia", dataset_config_name="20231101.simple",
-                                    data_cache_dir=str(tmp_path / "cache"), block_size=32, min_document_chars=20,
-                                    validation_split_percentage=10.0, preprocessing_num_workers=1)
-    data, stats = prepare_pretraining_data(args)
-    assert requested == {"name": "wikimedia/wikipedia", "config": "20231101.simple", "split": "train"}
-    assert stats["documents_kept"] == 80 and len(data["train"]) > 0
-    pages.append({"id": "x", "url": "u", "title": "t", "text": "A __eou__ B __eou__ C __eou__"})
-    args.overwrite_cache = True
-    with pytest.raises(RuleViolation, match=r"row 80.*DailyDialog"):
-        prepare_pretraining_data(args)

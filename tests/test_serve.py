@@ -2,22 +2,30 @@
 
 import json
 import shutil
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from trm.generation import load_model
-from trm.serve import ChatService, make_server
+from data.prompt_format import generation_prompt
+from trm.generation import fit_history, load_model
+from trm.serve import ChatService, ClientGone, ServerLimits, make_server
+
+
+def _start(model_dir, limits=None, **options):
+    model, tokenizer = load_model(model_dir)
+    service = ChatService(model, tokenizer, "trm-test", limits=limits)
+    httpd = make_server(service, "127.0.0.1", 0, **options)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, service
 
 
 @pytest.fixture()
 def server(model_dir):
-    model, tokenizer = load_model(model_dir)
-    httpd = make_server(ChatService(model, tokenizer, "trm-test"), "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    httpd, _ = _start(model_dir)
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
@@ -93,3 +101,152 @@ def test_a_message_typed_into_the_page_in_headless_chromium_gets_a_reply(server,
         page.screenshot(path=str(tmp_path / "chat.png"))
         browser.close()
     assert (tmp_path / "chat.png").stat().st_size > 0
+
+
+# Bounds under hostile input: each case below once dropped the connection, parked a thread or answered
+# a request it should have refused.
+
+def _raw(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes and read the whole answer (the server closes the connection after an error)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(data)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer:
+                head, _, body = answer.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), None)
+                if length is not None and len(body) >= length:
+                    break
+        return answer
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def _request(port, method="POST", path="/v1/chat/completions", body=b'{"messages": [{"role": "user", "content": "Hi"}]}',
+             headers=None) -> bytes:
+    fields = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json", "Content-Length": str(len(body)),
+              "Connection": "close", **(headers or {})}
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items() if v is not None) + "\r\n"
+    return head.encode("latin-1") + body
+
+
+@pytest.fixture()
+def bounded(model_dir):
+    httpd, service = _start(model_dir, ServerLimits(max_body_bytes=10_000, socket_timeout_s=1.0, max_connections=4,
+                                                     request_deadline_s=1.0),
+                            allowed_origins=("http://localhost:3000",))
+    yield httpd.server_address[1], service
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_bodies_are_bounded_and_a_silent_client_is_answered_and_closed(bounded):
+    port, _ = bounded
+    assert _status(_raw(port, _request(port, headers={"Content-Length": "50000000"}, body=b""))) == 413
+    assert _status(_raw(port, _request(port, headers={"Content-Length": "-1"}, body=b""))) == 400
+    assert _status(_raw(port, _request(port, headers={"Content-Length": None}, body=b""))) == 411
+    short = _raw(port, _request(port, headers={"Content-Length": "100"}, body=b'{"messages"'))  # then silence
+    assert _status(short) == 408 and b"ended after 11 of 100 bytes" in short
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:  # an idle connection is closed
+        assert idle.recv(1) == b""
+
+
+def test_browsers_of_other_origins_and_other_host_names_are_refused(bounded):
+    port, _ = bounded
+    assert _status(_raw(port, _request(port, headers={"Host": "evil.example"}))) == 403  # DNS rebinding
+    assert _status(_raw(port, _request(port, headers={"Origin": "http://evil.example"}))) == 403
+    assert _status(_raw(port, _request(port, headers={"Content-Type": "text/plain"}))) == 415  # a form post
+    invited = _raw(port, _request(port, headers={"Origin": "http://localhost:3000"}))
+    assert _status(invited) == 200 and b"Access-Control-Allow-Origin: http://localhost:3000" in invited
+    preflight = _raw(port, _request(port, "OPTIONS", body=b"", headers={"Origin": "http://localhost:3000", "Content-Type": None}))
+    assert _status(preflight) == 204 and b"Access-Control-Allow-Headers: Content-Type, Authorization" in preflight
+    assert _status(_raw(port, _request(port, headers={"Origin": f"http://127.0.0.1:{port}"}))) == 200  # the chat page itself
+
+
+def test_an_api_key_is_required_when_set(model_dir):
+    httpd, _ = _start(model_dir, api_key="s3cret")
+    port = httpd.server_address[1]
+    try:
+        assert _status(_raw(port, _request(port))) == 401
+        assert _status(_raw(port, _request(port, headers={"Authorization": "Bearer wrong"}))) == 401
+        assert _status(_raw(port, _request(port, headers={"Authorization": "Bearer s3cret"}))) == 200
+        assert _status(_raw(port, _request(port, "GET", "/", body=b""))) == 200  # the page itself is public
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "not JSON"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}', "temperature"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone surrogate"),
+    (b"[" * 5000 + b"]" * 5000, "nests deeper"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": true}', "max_tokens"),
+    (b"\xff\xfe{}", "not UTF-8"),
+])
+def test_malformed_requests_get_400_and_a_sentence(bounded, body, words):
+    port, _ = bounded
+    answer = _raw(port, _request(port, body=body))
+    assert _status(answer) == 400 and words in json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["message"]
+
+
+def test_a_tiny_temperature_answers_greedily(bounded):
+    port, _ = bounded
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-300}'
+    assert _status(_raw(port, _request(port, body=body))) == 200
+
+
+def test_bad_request_lines_are_answered_and_the_log_is_escaped(bounded, capsys):
+    port, _ = bounded
+    assert _status(_raw(port, b"GARBAGE\r\n\r\n")) == 400
+    assert _status(_raw(port, b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n")) == 414
+    assert _status(_raw(port, b"GET / HTTP/9.9\r\n\r\n")) in (400, 505)
+    _raw(port, _request(port, "GET", "/\x1b[31mred", body=b""))
+    log = capsys.readouterr().out
+    assert "\x1b" not in log and "\\x1b[31mred" in log
+
+
+def test_connections_beyond_the_cap_get_503(bounded):
+    port, _ = bounded
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+    try:
+        time.sleep(0.2)  # the server has accepted them
+        assert _status(_raw(port, _request(port))) == 503
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def test_a_request_waiting_past_its_deadline_for_the_model_gets_503(bounded):
+    port, service = bounded
+    with service.lock:  # another generation holds the model
+        answer = _raw(port, _request(port))
+    assert _status(answer) == 503 and b"busy" in answer
+
+
+def test_a_client_that_left_is_noticed(model_dir):
+    here, there = socket.socketpair()
+    watch = ClientGone(here, deadline=time.monotonic() + 60)
+    assert not watch(None, None)
+    there.close()
+    assert watch(None, None) and watch.stopped_because == "client left"
+    here.close()
+
+
+def test_history_fitting_tokenises_each_exchange_about_once(tokenizer):
+    calls = []
+
+    def counting(text, *args, **kwargs):
+        calls.append(len(text))
+        return tokenizer(text, *args, **kwargs)
+
+    messages = []
+    for i in range(2000):
+        messages += [{"role": "user", "content": f"Message {i}."}, {"role": "assistant", "content": "Fine."}]
+    messages.append({"role": "user", "content": "Last."})
+    fitted = fit_history(messages, counting, 40)
+    assert fitted[-1]["content"] == "Last." and len(tokenizer(generation_prompt(fitted))["input_ids"]) <= 40
+    assert len(calls) <= 2001 + 5 and sum(calls) < 3 * len(generation_prompt(messages))

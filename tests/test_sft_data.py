@@ -133,7 +133,7 @@ def test_mix_caps_and_disjoint_validation(tmp_path, tokenizer):
                                   for i in range(300)]))
     dialogues = tmp_path / "dialogues_train.txt"
     dialogues.write_text("".join(f"Hello number {i} . __eou__ Hi {i} ! __eou__\n" for i in range(80)))
-    args = SftDataArguments(alpaca_file=str(alpaca), dailydialog_file=str(dialogues), alpaca_max_examples=50,
+    args = SftDataArguments(data_cache_dir=str(tmp_path / "cache"), alpaca_file=str(alpaca), dailydialog_file=str(dialogues), alpaca_max_examples=50,
                             validation_split_percentage=10.0)
     data, report = prepare_sft_data(args, tokenizer)
     assert report["alpaca"]["train"]["examples"] == 50 and report["dailydialog"]["train"]["examples"] > 50
@@ -153,13 +153,13 @@ def test_question_first_layout_puts_the_question_before_and_after_the_passage_an
     assert "Rollo" in text[passage:] and tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == " Rollo<|endoftext|>"
     assert counts == {"shortened: passage windowed around the answer": 1}
     with pytest.raises(DataError, match="squad_layout must be one of"):
-        prepare_sft_data(SftDataArguments(squad_file=str(tmp_path / "long.json"), squad_layout="sideways"), tokenizer)
+        prepare_sft_data(SftDataArguments(data_cache_dir=str(tmp_path / "cache"), squad_file=str(tmp_path / "long.json"), squad_layout="sideways"), tokenizer)
 
 
 def test_squad_v2_questions_already_in_v1_can_be_left_out_and_are_counted(tmp_path, tokenizer):
     alpaca = tmp_path / "alpaca.json"  # held-out examples for the run to have a validation split
     alpaca.write_text(json.dumps([{"instruction": f"Task {i}.", "input": "", "output": "Done."} for i in range(10)]))
-    args = SftDataArguments(alpaca_file=str(alpaca), squad_file=str(_squad_file(tmp_path / "v1.json", "1.1")),
+    args = SftDataArguments(data_cache_dir=str(tmp_path / "cache"), alpaca_file=str(alpaca), squad_file=str(_squad_file(tmp_path / "v1.json", "1.1")),
                             squad_v2_file=str(_squad_file(tmp_path / "v2.json", "v2.0")))
     _, report = prepare_sft_data(args, tokenizer)
     assert report["squad_v2"]["records"] == 2
@@ -175,7 +175,7 @@ def test_the_unanswerable_share_of_squad_v2_training_is_capped_and_counted(tmp_p
         {"id": f"u{i}", "question": f"Who wrote passage {i}?", "answers": [], "is_impossible": True}]} for i in range(20)]
     v2 = tmp_path / "v2.json"
     v2.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": paragraphs}]}))
-    args = SftDataArguments(squad_v2_file=str(v2), validation_split_percentage=10.0)
+    args = SftDataArguments(data_cache_dir=str(tmp_path / "cache"), squad_v2_file=str(v2), validation_split_percentage=10.0)
     data, report = prepare_sft_data(args, tokenizer)
     trained = report["squad_v2"]["train"]["examples"]
     args.squad_v2_max_unanswerable = 3
@@ -197,7 +197,7 @@ def test_a_cap_is_filled_with_examples_that_fit_and_a_source_with_none_is_an_err
     long_reply = "word " * 400  # can never fit the context
     records = [{"instruction": f"Task {i}.", "input": "", "output": long_reply if i % 2 else f"Done {i}."} for i in range(200)]
     alpaca.write_text(json.dumps(records))
-    args = SftDataArguments(alpaca_file=str(alpaca), alpaca_max_examples=40, validation_split_percentage=10.0)
+    args = SftDataArguments(data_cache_dir=str(tmp_path / "cache"), alpaca_file=str(alpaca), alpaca_max_examples=40, validation_split_percentage=10.0)
     _, report = prepare_sft_data(args, tokenizer)
     assert report["alpaca"]["train"]["examples"] == 40  # half the records are too long: others took their place
     alpaca.write_text(json.dumps([{**r, "output": long_reply} for r in records]))
@@ -237,7 +237,7 @@ def test_local_exports_in_the_hub_layout_read_like_the_original_formats(tmp_path
     assert [c.answers for c in v1] == [["Rollo"]] and not skipped
     assert [q["answers"] for q in squad_questions(str(tmp_path / f"squad_v2.{export}"), None)] == [["Rollo"], []]
 
-    args = SftDataArguments(alpaca_file=str(export_rows("alpaca", alpaca)), squad_file=str(tmp_path / f"squad_v1.{export}"),
+    args = SftDataArguments(data_cache_dir=str(tmp_path / "cache"), alpaca_file=str(export_rows("alpaca", alpaca)), squad_file=str(tmp_path / f"squad_v1.{export}"),
                             squad_v2_file=str(tmp_path / f"squad_v2.{export}"),
                             dailydialog_file=str(export_rows("dailydialog", dialogues)), validation_split_percentage=10.0)
     _, report = prepare_sft_data(args, tokenizer)

@@ -114,7 +114,7 @@ def _sft_recipe(tmp_path, model_dir):
     return write_recipe(tmp_path / "phase2.yaml", {
         "model": {"model_name_or_path": str(model_dir), "precision": "fp32"},
         "data": {"alpaca_file": str(alpaca), "dailydialog_file": str(dialogues), "validation_split_percentage": 10.0,
-                 "max_seq_length": 64},
+                 "max_seq_length": 64, "data_cache_dir": str(tmp_path / "cache")},
         "training": {
             "output_dir": str(tmp_path / "phase2"), "use_cpu": True, "max_steps": 30, "num_train_epochs": 2,
             "per_device_train_batch_size": 8, "learning_rate": 5e-3, "eval_strategy": "steps", "eval_steps": 15, "eval_on_start": True,

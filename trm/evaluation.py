@@ -28,6 +28,7 @@ import torch
 
 from data.cleaning import clean_text
 from data.files import DataError, SkipCounter, read_records
+from data.hub import HUB_SOURCES
 from data.instruction_sources import squad_rows
 from data.prompt_format import ASSISTANT_PREFIX, NO_ANSWER_REPLY, USER_PREFIX, reading_comprehension_message, squad_layout_of
 from models.gpt2 import chunked_lm_loss
@@ -109,9 +110,17 @@ def text_blocks(paths: list[str], tokenizer, block_size: int, limit: int | None)
     return [b for b in blocks if len(b) > 1], {"documents": documents, "skipped": dict(skipped)}
 
 
-def squad_questions(path: str, limit: int | None) -> list[dict]:
+def squad_data_name(path: str, source: str) -> dict:
+    """What a SQuAD score was measured on, for reports and cards: the Hub dataset and split, or the file's name."""
+    if path == "hub":
+        return {"dataset": HUB_SOURCES[source].name, "split": HUB_SOURCES[source].eval_split}
+    return {"file": Path(path).name}
+
+
+def squad_questions(path: str, limit: int | None, source: str = "squad") -> list[dict]:
+    """Questions of a SQuAD file, or of `source`'s evaluation split on the Hub (`path` = hub)."""
     rows = []
-    for row in squad_rows(path, SkipCounter()):
+    for row in squad_rows(path, SkipCounter(), source, split=HUB_SOURCES[source].eval_split):
         if row.get("context") and row.get("question"):
             rows.append({"id": row.get("id"), "title": row.get("title", ""), "context": row["context"], "question": row["question"],
                          "answers": [a["text"] for a in row.get("answers") or [] if isinstance(a, dict) and a.get("text")]})
@@ -144,11 +153,11 @@ def free_squad_answer(model, tokenizer, row: dict, max_new_tokens: int) -> str |
 
 
 def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: str = "free",
-                     grounded: GroundedSettings | None = None, max_new_tokens: int = 32) -> dict:
+                     grounded: GroundedSettings | None = None, max_new_tokens: int = 32, source: str = "squad") -> dict:
     """SQuAD EM/F1 of free greedy generation or of grounded span decoding (`trm.grounded`)."""
     import evaluate
 
-    rows = squad_questions(path, limit)
+    rows = squad_questions(path, limit, source)
     if decoding == "grounded":
         answers = grounded_squad_answers(model, tokenizer, rows, grounded or GroundedSettings())
         replies = [None if a is None else a.answer for a in answers]
@@ -161,14 +170,14 @@ def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: s
                 for row, reply in zip(rows[:20], replies)]
     # Where the score goes: how often the model abstains, and how good the answers it does give are.
     answered = [best_f1(reply, row["answers"]) for reply, row in zip(replies, rows) if reply not in (None, NO_ANSWER_REPLY)]
-    return {**scores, "decoding": decoding, "questions_too_long": replies.count(None),
+    return {**scores, **squad_data_name(path, source), "decoding": decoding, "questions_too_long": replies.count(None),
             "abstained": 100.0 * replies.count(NO_ANSWER_REPLY) / max(1, len(rows)),
             "answered_f1": 100.0 * sum(answered) / len(answered) if answered else None, "examples": examples}
 
 
 def calibrate_no_answer(model, tokenizer, path: str, limit: int | None, settings: GroundedSettings) -> dict:
     """Grounded answers on a SQuAD v2.0 file, then the no-answer threshold that maximises their F1."""
-    rows = squad_questions(path, limit)
+    rows = squad_questions(path, limit, "squad_v2")
     answers = grounded_squad_answers(model, tokenizer, rows, settings)
     scored = [(a, row) for a, row in zip(answers, rows) if a is not None]
     if not any(row["answers"] for _, row in scored) or all(row["answers"] for _, row in scored):

@@ -7,7 +7,8 @@ Design decisions:
   stopping rule; whether a reply ended by itself is reported, because that is a quality signal.
 - Greedy loops are the usual reason a reply does not end; a 3-gram may not repeat by default
   (`no_repeat_ngram_size`), chosen by measurement on unseen prompts (`benchmarks/reply_endings.py`).
-- History is trimmed oldest exchange first until the prompt plus `max_new_tokens` fits the context.
+- History is trimmed oldest exchange first until the prompt plus `max_new_tokens` fits the context, in
+  time linear in the conversation's length (the server trims whatever a client sends).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.files import DataError
-from data.prompt_format import generation_prompt
+from data.prompt_format import generation_prompt, render
 
 
 @dataclass
@@ -66,23 +67,32 @@ def context_length(model) -> int:
 
 
 def fit_history(messages: list[dict], tokenizer, max_prompt_tokens: int) -> list[dict] | None:
-    """Drop the oldest exchanges until the prompt fits; None if even the last user turn alone does not."""
+    """Drop the oldest exchanges until the prompt fits; None if even the last user turn alone does not.
+
+    Each exchange is tokenised once (the format's pieces end in a newline or `<|endoftext|>`, where GPT-2's
+    tokens break, so lengths add up), then the fit is confirmed on the whole prompt: linear in the
+    conversation's length, not quadratic, whatever a client sends."""
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
-    while turns:
-        candidate = system + turns
-        if len(tokenizer(generation_prompt(candidate))["input_ids"]) <= max_prompt_tokens:
-            return candidate
-        turns = turns[2:]
+    exchanges = [turns[i:i + 2] for i in range(0, len(turns), 2)]
+    lengths = [len(tokenizer(render(exchange)[0])["input_ids"]) for exchange in exchanges]
+    total = len(tokenizer(generation_prompt(system))["input_ids"]) + sum(lengths)  # the system text and "Assistant:"
+    for first in range(len(exchanges)):
+        if total <= max_prompt_tokens:
+            candidate = system + turns[2 * first:]
+            if len(tokenizer(generation_prompt(candidate))["input_ids"]) <= max_prompt_tokens:
+                return candidate
+        total -= lengths[first]
     return None
 
 
 @torch.no_grad()
-def generate_reply(model, tokenizer, messages: list[dict], settings: SamplingSettings, streamer=None) -> tuple[str, bool]:
+def generate_reply(model, tokenizer, messages: list[dict], settings: SamplingSettings, streamer=None,
+                   stopping_criteria=None) -> tuple[str, bool]:
     """Generate the next assistant reply; return it and whether it ended with `<|endoftext|>` by itself."""
     inputs = tokenizer(generation_prompt(messages), return_tensors="pt")
     output = model.generate(
-        **inputs, **settings.generate_kwargs(), streamer=streamer,
+        **inputs, **settings.generate_kwargs(), streamer=streamer, stopping_criteria=stopping_criteria,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
     )
     new_tokens = output[0, inputs["input_ids"].shape[1]:].tolist()

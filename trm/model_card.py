@@ -102,12 +102,21 @@ def evaluation_results(report: dict) -> list[EvalResult]:
             scores = report.get(f"{key} {decoding}")
             if not scores:
                 continue
-            split = Path(scores.get("file", key)).name
+            # A Hub evaluation names its dataset and split; a local file is named by its file name, never its path.
+            split = scores.get("split") or Path(scores.get("file", key)).name
             for metric in ("exact", "f1"):
                 results.append(EvalResult(
-                    task_type="question-answering", dataset_type=dataset_type, dataset_name=f"SQuAD ({split})",
+                    task_type="question-answering", dataset_type=scores.get("dataset", dataset_type),
+                    dataset_name=f"SQuAD v{key.split('v')[-1]} ({split})",
                     dataset_split=split, metric_type=metric, metric_name=f"{metric} ({decoding} decoding)",
                     metric_value=round(scores[metric], 2)))
+    if "blimp" in report:
+        blimp = report["blimp"]
+        sampled = f", {blimp['pairs_per_paradigm']} pairs per paradigm" if blimp.get("pairs_per_paradigm") else ""
+        results.append(EvalResult(
+            task_type="text-generation", dataset_type="nyu-mll/blimp", dataset_name=f"BLiMP ({blimp['pairs']:,} pairs{sampled})",
+            dataset_split="train", metric_type="accuracy", metric_name="BLiMP accuracy, mean over paradigms (%)",
+            metric_value=round(blimp["mean"], 2)))
     if "instructions" in report:
         results.append(EvalResult(
             task_type="text-generation", dataset_type="trm-eval-instructions", dataset_name="TRM's fixed instructions",
