@@ -30,10 +30,10 @@ test: venv
 	$(PY) -m pytest -q
 
 pretrain: venv
-	$(TRAIN) run_clm.py recipes/phase1_pretraining.yaml $(ARGS)
+	$(TRAIN) run_clm.py recipes/phase1_pretraining.yaml $(if $(HOURS),--train_hours $(HOURS)) $(ARGS)
 
 sft: venv
-	$(TRAIN) run_sft.py recipes/phase2_instruction_tuning.yaml --model_name_or_path $(PHASE1_MODEL) $(ARGS)
+	$(TRAIN) run_sft.py recipes/phase2_instruction_tuning.yaml --model_name_or_path $(PHASE1_MODEL) $(if $(HOURS),--train_hours $(HOURS)) $(ARGS)
 
 full-recipe: venv
 	$(PY) run_full_recipe.py $(if $(SQUAD),--squad_file $(SQUAD)) $(if $(SQUAD_V2),--squad_v2_file $(SQUAD_V2)) \

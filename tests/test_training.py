@@ -98,6 +98,21 @@ def test_resume_continues_from_the_saved_step(phase1_model, caplog):
         run_clm.main([str(recipe), "--resume", "--max_steps", "60"])
 
 
+def test_a_run_killed_between_its_last_checkpoint_and_its_final_model_is_finished_by_resume(phase1_model, caplog):
+    output_dir, metrics, recipe = phase1_model
+    # What a kill during the final evaluation or save leaves: checkpoint-40 (the last step), no final model.
+    for name in ("training_log.json", "model.safetensors", "config.json", "README.md", "loss_curve.png"):
+        (output_dir / name).unlink()
+    finished = run_clm.main([str(recipe), "--resume"])
+    assert "finishing the run from it" in caplog.text
+    assert finished["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)  # the same model, evaluated again
+    history = json.loads((output_dir / "training_log.json").read_text())
+    assert [r["step"] for r in history if "loss" in r] == list(range(5, 45, 5))  # no step trained twice
+    assert (output_dir / "model.safetensors").is_file() and (output_dir / "README.md").is_file()
+    with pytest.raises(FileExistsError, match="end of a finished run"):  # now it is finished
+        run_clm.main([str(recipe), "--resume"])
+
+
 def test_phase1_refuses_too_many_epochs_and_pretrained_weights(tmp_path, wiki_jsonl, tiny_config_path):
     recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path)
     with pytest.raises(RuleViolation, match="capped at 3"):
@@ -174,6 +189,31 @@ def test_a_time_budget_ends_the_run_evaluated_saved_and_finished(tmp_path, wiki_
     with pytest.raises(RecipeError, match="max_train_minutes must be above 0"):
         run_clm.main([str(recipe), "--max_train_minutes", "0", "--output_dir", str(tmp_path / "other")])
     assert not (tmp_path / "other").exists()  # refused before any work
+
+
+def test_train_hours_plans_the_run_to_end_decayed_and_saved_within_its_budget(tmp_path, wiki_jsonl, tiny_config_path):
+    import csv
+
+    budget_hours = 5 / 3600  # five seconds: far less than the 3 epochs (288 steps) the recipe allows
+    recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path, max_steps=-1, num_train_epochs=3, eval_on_start=False,
+                            per_device_train_batch_size=2,
+                            eval_steps=1000, save_steps=1000, logging_steps=1, lr_scheduler_type="warmup_stable_decay",
+                            lr_scheduler_kwargs={"num_decay_steps": 0.2}, warmup_steps=0.02)
+    metrics = run_clm.main([str(recipe), "--train_hours", str(budget_hours)])
+    output_dir = tmp_path / "phase1"
+    plan = json.loads((output_dir / "time_plan.json").read_text())
+    history = json.loads((output_dir / "training_log.json").read_text())
+    steps = [r for r in history if "loss" in r]
+    assert steps[-1]["step"] == plan["max_steps"] and metrics["epoch"] < 3  # the budget, not the epoch cap, ended it
+    rates = [r["learning_rate"] for r in steps]
+    assert max(rates) == pytest.approx(1e-2, rel=0.05) and rates[-1] < 0.1 * max(rates)  # decayed by the last step
+    assert metrics["train_runtime"] < 3600 * budget_hours + 3.0  # within the budget, up to the measuring steps' slack
+    assert (output_dir / "model.safetensors").is_file()
+    with open(output_dir / "log.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("loss")]
+    assert all(row["elapsed_minutes"] for row in rows) and rows[-1]["eta_minutes"] and float(rows[-1]["eta_minutes"]) < 0.02
+    with pytest.raises(RecipeError, match="train_hours must be above 0"):
+        run_clm.main([str(recipe), "--train_hours", "0", "--output_dir", str(tmp_path / "other")])
 
 
 HEAP_SCRIPT = """

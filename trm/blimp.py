@@ -16,6 +16,7 @@ Design decisions:
 from __future__ import annotations
 
 import random
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -122,6 +123,7 @@ def sentence_log_probs(model, tokenizer, sentences: list[str], batch_size: int =
 
 def blimp_evaluation(model, tokenizer, source: str, pairs_per_paradigm: int | None = None, batch_size: int = 64) -> dict:
     """Accuracy (%) over paradigms, per field and per paradigm."""
+    started = time.perf_counter()
     pairs, skipped = read_blimp(source, pairs_per_paradigm)
     scores = sentence_log_probs(model, tokenizer, [s for p in pairs for s in (p["good"], p["bad"])], batch_size)
     right: dict[str, list[bool]] = defaultdict(list)
@@ -138,4 +140,5 @@ def blimp_evaluation(model, tokenizer, source: str, pairs_per_paradigm: int | No
         "fields": {name: sum(values) / len(values) for name, values in sorted(fields.items())},
         "paradigms": paradigms, "pairs": len(pairs), "pairs_per_paradigm": pairs_per_paradigm,
         "source": BLIMP_HUB if source == "hub" else Path(source).name, "skipped": dict(skipped),
+        "seconds": round(time.perf_counter() - started, 1),
     }

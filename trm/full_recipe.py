@@ -166,6 +166,7 @@ def preflight(recipe: FullRecipe) -> None:
 
 def run(recipe: FullRecipe) -> dict:
     stages = recipe.output_dir / "stages"
+    stages.mkdir(parents=True, exist_ok=True)  # also when a stage finished without this process (killed meanwhile)
     preflight(recipe)
     limit = ["--limit", str(recipe.eval_limit)] if recipe.eval_limit else []
     report: dict = {"phase1": _train("run_clm.py", recipe.phase1_recipe, recipe.phase1_dir, recipe.phase1_args, stages)}

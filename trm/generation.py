@@ -23,6 +23,9 @@ from data.files import DataError
 from data.prompt_format import generation_prompt, render
 
 
+GPT2_VOCABULARY = 50257
+
+
 @dataclass
 class SamplingSettings:
     max_new_tokens: int = 128
@@ -43,12 +46,29 @@ class SamplingSettings:
 
 
 def from_pretrained(loader, folder: Path):
-    """`loader.from_pretrained(folder)`, with a damaged directory (truncated weights, invalid JSON) in one sentence."""
+    """`loader.from_pretrained(folder)` that never runs code from the directory (`trust_remote_code=False`, so a
+    config naming custom code is refused instead of asking on stdin), with every problem in one sentence: a damaged
+    directory (truncated weights, invalid JSON), another architecture than GPT-2, weights missing from the file
+    (which transformers would fill with random values), a tokenizer other than GPT-2's."""
     try:
-        return loader.from_pretrained(str(folder))
+        if loader is AutoTokenizer:
+            loaded, missing = loader.from_pretrained(str(folder), trust_remote_code=False), set()
+        else:
+            loaded, info = loader.from_pretrained(str(folder), trust_remote_code=False, output_loading_info=True)
+            missing = set(info["missing_keys"])
     except Exception as error:  # damage surfaces as OSError, ValueError, safetensors' own error, ...
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise DataError(f"{folder} is not a readable model directory ({reason}); train or copy it again.") from None
+        raise DataError(f"{folder} is not a readable model directory ({reason[:300]}); train or copy it again.") from None
+    if loader is AutoTokenizer:
+        if len(loaded) != GPT2_VOCABULARY or loaded("Hello world")["input_ids"] != [15496, 995]:
+            raise DataError(f"{folder}: its tokenizer is not GPT-2's ({len(loaded):,} tokens); TRM models use GPT-2's 50,257.")
+        return loaded
+    if loaded.config.model_type != "gpt2":
+        raise DataError(f"{folder} holds a {loaded.config.model_type} model; TRM loads GPT-2 models (GPT2LMHeadModel) only.")
+    if missing:
+        raise DataError(f"{folder}: its weights file lacks {len(missing)} of the model's tensors (e.g. {sorted(missing)[0]}); "
+                        "it is incomplete: train or copy it again.")
+    return loaded
 
 
 def load_model(path: str | Path):
@@ -87,14 +107,21 @@ def fit_history(messages: list[dict], tokenizer, max_prompt_tokens: int) -> list
 
 
 @torch.no_grad()
-def generate_reply(model, tokenizer, messages: list[dict], settings: SamplingSettings, streamer=None,
-                   stopping_criteria=None) -> tuple[str, bool]:
-    """Generate the next assistant reply; return it and whether it ended with `<|endoftext|>` by itself."""
-    inputs = tokenizer(generation_prompt(messages), return_tensors="pt")
+def generate_text(model, tokenizer, prompt: str, settings: SamplingSettings, streamer=None,
+                  stopping_criteria=None) -> tuple[str, bool]:
+    """Continue `prompt`; return the new text (special tokens removed) and whether it ended with `<|endoftext|>`."""
+    inputs = tokenizer(prompt, return_tensors="pt")
     output = model.generate(
         **inputs, **settings.generate_kwargs(), streamer=streamer, stopping_criteria=stopping_criteria,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
     )
     new_tokens = output[0, inputs["input_ids"].shape[1]:].tolist()
     ended = bool(new_tokens) and new_tokens[-1] == tokenizer.eos_token_id
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), ended
+    return tokenizer.decode(new_tokens, skip_special_tokens=True), ended
+
+
+def generate_reply(model, tokenizer, messages: list[dict], settings: SamplingSettings, streamer=None,
+                   stopping_criteria=None) -> tuple[str, bool]:
+    """Generate the next assistant reply; return it and whether it ended with `<|endoftext|>` by itself."""
+    text, ended = generate_text(model, tokenizer, generation_prompt(messages), settings, streamer, stopping_criteria)
+    return text.strip(), ended

@@ -69,7 +69,15 @@ class GroundedSettings:
                 stored = json.loads(path.read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as error:
                 raise DataError(f"{path} is not valid JSON ({error}); delete it or calibrate again.") from None
+        if not isinstance(stored, dict):
+            raise DataError(f"{path} must hold a JSON object of grounding settings; delete it or calibrate again.")
         known = {k: v for k, v in stored.items() if k in cls.__dataclass_fields__}
+        for name, value in known.items():
+            default = cls.__dataclass_fields__[name].default
+            wanted = bool if isinstance(default, bool) else (int, float) if isinstance(default, float) else int
+            if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, wanted) or value != value:
+                raise DataError(f"{path}: {name} must be {'true or false' if wanted is bool else 'a number'}, got {value!r}; "
+                                "delete it or calibrate again.")
         known.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**known)
 

@@ -17,6 +17,8 @@ Design decisions:
 - Every malformed request is answered with an HTTP error and one sentence (OpenAI's error shape), never a
   dropped connection: bad JSON, NaN, deep nesting, lone surrogates, out-of-range numbers, bad request lines.
   The log is one line per request with control characters escaped; a client that hangs up is one line.
+- `/v1/chat/completions` and `/v1/completions` (plain text continued), each unstreamed or, with `"stream": true`,
+  as Server-Sent Events in OpenAI's chunk format ending with `data: [DONE]`; `usage` in both.
 - A conversation longer than the context loses its oldest exchanges first; when even the last message
   cannot fit, the answer is HTTP 400 with OpenAI's `context_length_exceeded` code and its length.
 - Generation holds a lock: requests are answered one at a time, each with all the CPU threads.
@@ -38,10 +40,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from data.prompt_format import generation_prompt, validate_messages
-from trm.generation import SamplingSettings, context_length, fit_history, generate_reply
+from trm.generation import SamplingSettings, context_length, fit_history, generate_text
 
 CHAT_PAGE = Path(__file__).resolve().parent / "chat_page.html"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -122,8 +124,27 @@ class ClientGone(StoppingCriteria):
         return self.stopped_because is not None
 
 
+class SseText(TextStreamer):
+    """Hands each piece of decoded reply text to `send` as it is generated (Server-Sent Events). Whitespace at the
+    end of a piece waits for the next one, so a chat reply streams exactly as the unstreamed reply reads (stripped)."""
+
+    def __init__(self, tokenizer, send, strip: bool):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.send, self.strip, self.pending, self.started = send, strip, "", False
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        text = self.pending + text
+        if self.strip and not self.started:
+            text = text.lstrip()
+        ready = text.rstrip() if self.strip else text
+        self.pending = "" if stream_end else text[len(ready):]
+        if ready:
+            self.started = True
+            self.send(ready)
+
+
 class ChatService:
-    """The model and what a request may change (reply length, temperature)."""
+    """The model and what a request may change (reply length, temperature, streaming)."""
 
     def __init__(self, model, tokenizer, model_name: str, settings: SamplingSettings | None = None,
                  limits: ServerLimits | None = None):
@@ -146,6 +167,8 @@ class ChatService:
                 raise RequestError(f"temperature must be a number from 0 to {self.limits.max_temperature:g}.")
             # Below 0.01 sampling is greedy in effect, and dividing logits by 1e-300 overflows: answer greedily.
             settings.temperature = float(temperature) if temperature >= 0.01 else 0.0
+        if not isinstance(request.get("stream", False), bool):
+            raise RequestError("stream must be true or false.")
         return settings
 
     def _messages(self, request) -> list[dict]:
@@ -153,11 +176,8 @@ class ChatService:
             raise RequestError("the request body must be a JSON object with a 'messages' list.")
         for position, message in enumerate(request["messages"]):
             content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                try:
-                    content.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise RequestError(f"messages: message {position} holds a lone surrogate (\\ud800-\\udfff), not text.") from None
+            if isinstance(content, str) and not _is_text(content):
+                raise RequestError(f"messages: message {position} holds a lone surrogate (\\ud800-\\udfff), not text.")
         try:
             messages = validate_messages(request["messages"])
         except (ValueError, AttributeError) as error:
@@ -166,8 +186,8 @@ class ChatService:
             raise RequestError("the last message must be the user's.")
         return messages
 
-    def complete(self, request, connection: socket.socket | None = None) -> dict:
-        deadline = time.monotonic() + self.limits.request_deadline_s
+    def prepare_chat(self, request) -> dict:
+        """A chat request checked and fitted to the context: the prompt to continue and what the reply reports."""
         messages = self._messages(request)
         settings = self._settings(request)
         budget = context_length(self.model) - settings.max_new_tokens
@@ -178,29 +198,76 @@ class ChatService:
                 f"the last message is {length} tokens; with {settings.max_new_tokens} tokens for the reply this model's "
                 f"context of {context_length(self.model)} tokens leaves room for {budget}. Shorten it.",
                 code="context_length_exceeded")
-        prompt_tokens = len(self.tokenizer(generation_prompt(conversation))["input_ids"])
+        return {"kind": "chat", "prompt": generation_prompt(conversation), "settings": settings,
+                "stream": request.get("stream", False), "usage_in_stream": _include_usage(request),
+                "extra": {"trm": {"messages_dropped": len(messages) - len(conversation)}}}
+
+    def prepare_completion(self, request) -> dict:
+        """A `/v1/completions` request: plain text continued as it is (no chat format), as phase 1 models are used."""
+        if not isinstance(request, dict) or not isinstance(request.get("prompt"), str) or not request["prompt"]:
+            raise RequestError("the request body must be a JSON object with a non-empty 'prompt' string.")
+        if not _is_text(request["prompt"]):
+            raise RequestError("prompt holds a lone surrogate (\\ud800-\\udfff), not text.")
+        settings = self._settings(request)
+        length = len(self.tokenizer(request["prompt"])["input_ids"])
+        if length + settings.max_new_tokens > context_length(self.model):
+            raise RequestError(f"the prompt is {length} tokens; with {settings.max_new_tokens} tokens to generate this model's "
+                               f"context of {context_length(self.model)} tokens is exceeded. Shorten it.", code="context_length_exceeded")
+        return {"kind": "text", "prompt": request["prompt"], "settings": settings, "stream": request.get("stream", False),
+                "usage_in_stream": _include_usage(request), "extra": {}}
+
+    def generate(self, job: dict, connection: socket.socket | None = None, send=None) -> tuple[str, bool]:
+        """Run a prepared job under the model's lock and the request's deadline; `send` receives streamed text."""
+        deadline = time.monotonic() + self.limits.request_deadline_s
         watch = ClientGone(connection, deadline)
         if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise RequestError("the model is busy with other requests; try again later.", "server_busy", HTTPStatus.SERVICE_UNAVAILABLE)
         try:
             if watch.client_left():
                 raise ConnectionAbortedError("the client left before its reply was generated")
-            reply, ended = generate_reply(self.model, self.tokenizer, conversation, settings,
-                                          stopping_criteria=StoppingCriteriaList([watch]))
+            streamer = SseText(self.tokenizer, send, strip=job["kind"] == "chat") if send else None
+            text, ended = generate_text(self.model, self.tokenizer, job["prompt"], job["settings"], streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([watch]))
         finally:
             self.lock.release()
         if watch.stopped_because == "client left":
             raise ConnectionAbortedError("the client left during its generation")
-        completion_tokens = len(self.tokenizer(reply)["input_ids"]) + int(ended)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                         "finish_reason": "stop" if ended else "length"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-            "trm": {"messages_dropped": len(messages) - len(conversation)},
-        }
+        return (text.strip() if job["kind"] == "chat" else text), ended
+
+    def usage(self, job: dict, text: str, ended: bool) -> dict:
+        prompt_tokens = len(self.tokenizer(job["prompt"])["input_ids"])
+        completion_tokens = len(self.tokenizer(text)["input_ids"]) + int(ended)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+    def response(self, job: dict, text: str, ended: bool) -> dict:
+        """The whole answer, in the OpenAI shape of a chat completion or a text completion."""
+        finish = "stop" if ended else "length"
+        if job["kind"] == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            kind, prefix = "chat.completion", "chatcmpl"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            kind, prefix = "text_completion", "cmpl"
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": self.model_name,
+                "choices": [choice], "usage": self.usage(job, text, ended), **job["extra"]}
+
+    def complete(self, request, connection: socket.socket | None = None) -> dict:
+        """A chat completion, unstreamed (the chat page and tests use this directly)."""
+        job = self.prepare_chat(request)
+        return self.response(job, *self.generate(job, connection))
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _include_usage(request: dict) -> bool:
+    options = request.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -335,7 +402,8 @@ def make_handler(service: ChatService, policy: AccessPolicy) -> type[BaseHTTPReq
         def do_POST(self):
             if not self._admitted():
                 return
-            if self.path != "/v1/chat/completions":
+            prepare = {"/v1/chat/completions": service.prepare_chat, "/v1/completions": service.prepare_completion}.get(self.path)
+            if prepare is None:
                 return self._error(HTTPStatus.NOT_FOUND, f"no such path: {printable(self.path)}", "not_found", close=True)
             content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if content_type != "application/json":
@@ -344,15 +412,61 @@ def make_handler(service: ChatService, policy: AccessPolicy) -> type[BaseHTTPReq
             body = self._read_body()
             if body is None:
                 return
+            streaming = False
             try:
-                self._json(HTTPStatus.OK, service.complete(parse_request_body(body, limits), self.connection))
+                job = prepare(parse_request_body(body, limits))
+                if job["stream"]:
+                    streaming = True
+                    self._stream(job)
+                else:
+                    self._json(HTTPStatus.OK, service.response(job, *service.generate(job, self.connection)))
             except RequestError as error:
-                self._error(error.status, str(error), error.code)
+                if streaming:  # headers are sent: the error goes into the stream, as OpenAI's API does
+                    self._event({"error": {"message": str(error), "type": "invalid_request_error", "code": error.code}})
+                    self.close_connection = True
+                else:
+                    self._error(error.status, str(error), error.code)
             except ConnectionError as gone:  # the client left: before, during or after its generation
                 self.close_connection = True
-                print(printable(f"{self.client_address[0]}: {gone or type(gone).__name__}; nothing sent"), flush=True)
+                print(printable(f"{self.client_address[0]}: {gone or type(gone).__name__}; nothing more sent"), flush=True)
             except Exception as error:  # a bug must still answer, not drop the connection
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the server failed on this request ({type(error).__name__}).", "server_error", close=True)
+                if not streaming:
+                    self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the server failed on this request ({type(error).__name__}).",
+                                "server_error", close=True)
+                self.close_connection = True
+
+        def _event(self, payload) -> None:
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            self.wfile.write(f"data: {data}\n\n".encode("utf-8"))
+            self.wfile.flush()
+
+        def _stream(self, job: dict) -> None:
+            """Server-Sent Events as OpenAI sends them: a chunk per piece of text, a last chunk with the finish
+            reason, the usage when `stream_options.include_usage` asks for it, then `data: [DONE]`."""
+            chat = job["kind"] == "chat"
+            identity = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                        "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+                        "model": service.model_name}
+
+            def chunk(delta: dict | str, finish: str | None = None) -> dict:
+                choice = ({"index": 0, "delta": delta, "finish_reason": finish} if chat else
+                          {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish})
+                return {**identity, "choices": [choice]}
+
+            self.close_connection = True  # the stream's end is the connection's end
+            self.send_response(HTTPStatus.OK)
+            for key, value in {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "close",
+                               **self._cors_headers()}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if chat:
+                self._event(chunk({"role": "assistant", "content": ""}))
+            text, ended = service.generate(job, self.connection,
+                                           send=lambda piece: self._event(chunk({"content": piece} if chat else piece)))
+            self._event(chunk({} if chat else "", "stop" if ended else "length"))
+            if job["usage_in_stream"]:
+                self._event({**identity, "choices": [], "usage": service.usage(job, text, ended)})
+            self._event("[DONE]")
 
         def send_error(self, code, message=None, explain=None):
             """The stdlib's own error paths (a bad request line, a 414) answer in the API's JSON shape, with a status

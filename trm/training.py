@@ -24,7 +24,8 @@ Design decisions:
   again (~51,000 faults, ~5% of a phase-1 step, measured). `keep_freed_memory_for_reuse` tells glibc
   to keep them; elsewhere it changes nothing.
 - `resume_from_checkpoint: auto` picks the newest checkpoint in `output_dir`, or starts fresh if there
-  is none; the Trainer restores the model, optimizer, scheduler, RNG and data order from it.
+  is none; the Trainer restores the model, optimizer, scheduler, RNG and data order from it. A run killed
+  between its last checkpoint and its final model resumes by evaluating and saving that checkpoint.
 - The final model is written as a Hub-format directory (safetensors, config, tokenizer with its chat
   template, generation config, model card, loss curve) into a temporary folder and then moved into
   `output_dir` file by file, so a crash never leaves a half-written model behind.
@@ -64,6 +65,7 @@ from trm.recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
+FINAL_LOG = "training_log.json"  # written last by the final save: its presence means the model is complete
 
 
 @dataclass
@@ -79,7 +81,8 @@ class ModelArguments:
     use_muon: bool = field(default=False, metadata={"help": "torch.optim.Muon for the blocks' 2-D matrices, AdamW for the rest."})
     prompt_loss_weight: float = field(default=0.0, metadata={"help": "Phase 2: weight of the prompt tokens' loss in training (0: replies only)."})
     document_attention: bool = field(default=False, metadata={"help": "Phase 1: attention and positions restart at each <|endoftext|> in a packed block."})
-    max_train_minutes: float | None = field(default=None, metadata={"help": "Stop after this much training time: evaluate, save, finish the model (a time budget; the schedule still plans the whole run)."})
+    max_train_minutes: float | None = field(default=None, metadata={"help": "Stop after this much training time: evaluate, save, finish the model (the schedule still plans the whole run; see train_hours)."})
+    train_hours: float | None = field(default=None, metadata={"help": "Time budget of the whole run: its first steps measure this machine's speed, then the run (warmup-stable-decay included) is planned to end within it, never beyond the epoch cap."})
     early_stopping_patience: int = field(default=3, metadata={"help": "Evaluations without improvement before stopping."})
     sample_prompts: list[str] = field(default_factory=list, metadata={"help": "Texts continued at each evaluation."})
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Length of the sample generations."})
@@ -87,6 +90,8 @@ class ModelArguments:
     def __post_init__(self):
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise RecipeError(f"max_train_minutes must be above 0, got {self.max_train_minutes}.")
+        if self.train_hours is not None and self.train_hours <= 0:
+            raise RecipeError(f"train_hours must be above 0, got {self.train_hours}.")
 
 
 class TrmTrainer(Trainer):
@@ -107,7 +112,10 @@ class TrmTrainer(Trainer):
         # under-report the loss by a factor (block - 1) / block.
         self._loss_shifts_labels = True
         self.loss_chunk_rows = loss_chunk_rows
+        self._decay_share: float | None = None
         self._last_log: tuple[float, int] | None = None  # (time, tokens seen) at the previous training log
+        self._clock: tuple[float, int] | None = None  # (time, step) when this process began training
+        self.eval_seconds, self.evaluations = 0.0, 0  # time spent evaluating, apart from training (the time plan)
 
     def create_optimizer(self, model=None):
         if not self.use_muon or self.optimizer is not None:
@@ -124,14 +132,41 @@ class TrmTrainer(Trainer):
                                   "or start a fresh --output_dir.")
         return super()._load_optimizer_and_scheduler(checkpoint)
 
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
+    def evaluate(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.eval_seconds += time.perf_counter() - started
+            self.evaluations += 1
+
+    def _scheduler_kwargs(self, num_training_steps: int) -> dict:
         # As `warmup_steps` does, a warmup-stable-decay `num_decay_steps` below 1 is a fraction of the run:
         # the recipe then names the decay share without knowing how many steps its data gives.
-        decay = (self.args.lr_scheduler_kwargs or {}).get("num_decay_steps")
-        if isinstance(decay, float) and 0 < decay < 1:
-            self.args.lr_scheduler_kwargs = {**self.args.lr_scheduler_kwargs,
-                                             "num_decay_steps": math.ceil(decay * num_training_steps)}
+        kwargs = dict(self.args.lr_scheduler_kwargs or {})
+        if self._decay_share is None and isinstance(kwargs.get("num_decay_steps"), float) and 0 < kwargs["num_decay_steps"] < 1:
+            self._decay_share = kwargs["num_decay_steps"]
+        if self._decay_share is not None:
+            kwargs["num_decay_steps"] = math.ceil(self._decay_share * num_training_steps)
+        return kwargs
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.args.lr_scheduler_kwargs = self._scheduler_kwargs(num_training_steps)
         return super().create_scheduler(num_training_steps, optimizer)
+
+    def replan_schedule(self, num_training_steps: int) -> None:
+        """Give the learning-rate schedule a new length mid-run (the time budget): the same schedule type,
+        warmup and decay share, its position kept, so warmup-stable-decay still ends decayed at the new last step."""
+        from transformers import get_scheduler
+
+        fresh = get_scheduler(self.args.lr_scheduler_type, optimizer=self.optimizer,
+                              num_warmup_steps=self.args.get_warmup_steps(self.state.max_steps),
+                              num_training_steps=num_training_steps,
+                              scheduler_specific_kwargs=self._scheduler_kwargs(num_training_steps))
+        self.lr_scheduler.lr_lambdas = fresh.lr_lambdas
+        for group, base_lr, rate in zip(self.optimizer.param_groups, self.lr_scheduler.base_lrs, fresh.lr_lambdas):
+            group["lr"] = base_lr * rate(self.lr_scheduler.last_epoch)  # the next step follows the new plan at once
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_chunk_rows <= 0 or return_outputs:
@@ -168,6 +203,8 @@ class TrmTrainer(Trainer):
             logs["eval_perplexity"] = round(math.exp(min(logs["eval_loss"], 50.0)), 3)
             copying = copying_loss(self.accelerator.unwrap_model(self.model))
             logs["eval_copy_loss"] = round(copying["copy_loss"], 4)  # falls once the model can copy from its context
+        if "loss" in logs:
+            logs.update(self.elapsed_and_eta())
         if "loss" in logs and self.state.num_input_tokens_seen:
             now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
             # The first log after a (re)start has no interval to measure over.
@@ -176,6 +213,17 @@ class TrmTrainer(Trainer):
                 self._set_progress_postfix(logs["tokens_per_second"])
             self._last_log = (now, tokens)
         super().log(logs, start_time)
+
+    def elapsed_and_eta(self) -> dict:
+        """Minutes since this process began training and minutes left to the planned last step, at the pace so far."""
+        now = time.perf_counter()
+        if self._clock is None:
+            self._clock = (now, self.state.global_step)
+        started, first_step = self._clock
+        done = self.state.global_step - first_step
+        left = max(0, self.state.max_steps - self.state.global_step)
+        eta = (now - started) / done * left if done > 0 else None
+        return {"elapsed_minutes": round((now - started) / 60, 2), **({"eta_minutes": round(eta / 60, 2)} if eta is not None else {})}
 
     def _set_progress_postfix(self, tokens_per_second: float) -> None:
         for callback in self.callback_handler.callbacks:
@@ -285,6 +333,77 @@ class TimeBudgetCallback(TrainerCallback):
             control.should_training_stop = True
 
 
+class TrainingTimePlan(TrainerCallback):
+    """`train_hours`: the run measures its own pace here and plans its last step so that the whole run, its
+    evaluations included, ends within the budget; never beyond the steps the epoch cap allows.
+
+    The plan is made after the first few optimizer steps and revised at every step while the learning rate is
+    still warming up or stable (the pace of a busy machine changes); once the planned decay has begun it is
+    fixed, so warmup-stable-decay always ends decayed at the planned step. Time spent evaluating is measured
+    apart from training time. The plan is kept in `<output_dir>/time_plan.json`; a resumed run keeps it. When
+    the whole run fits with more than a fifth of the budget to spare, the log says so."""
+
+    def __init__(self, hours: float, output_dir: str, trainer_ref: list):
+        self.budget_s, self.path, self.trainer_ref = 3600.0 * hours, Path(output_dir) / "time_plan.json", trainer_ref
+        self.started, self.first_step, self.cap, self.fixed, self.reported = time.perf_counter(), 0, 0, False, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step, self.cap = time.perf_counter(), state.global_step, state.max_steps
+        if self.path.is_file():  # a resumed run goes on with the plan it was given
+            self._apply(state, min(self.cap, json.loads(self.path.read_text(encoding="utf-8"))["max_steps"]))
+            self.fixed = True
+
+    def _apply(self, state, max_steps: int) -> None:
+        if max_steps != state.max_steps:
+            state.max_steps = max_steps
+            self.trainer_ref[0].replan_schedule(max_steps)
+
+    def _decay_started(self, state) -> bool:
+        share = self.trainer_ref[0]._decay_share
+        decay_steps = math.ceil(share * state.max_steps) if share else 0
+        return state.global_step >= state.max_steps - decay_steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        done = state.global_step - self.first_step
+        if self.fixed or done < max(3, min(20, self.cap // 50)):
+            return
+        if self._decay_started(state):
+            self.fixed = True
+            return
+        trainer = self.trainer_ref[0]
+        elapsed = time.perf_counter() - self.started
+        pace = (elapsed - trainer.eval_seconds) / done
+        if trainer.evaluations:
+            eval_each = trainer.eval_seconds / trainer.evaluations
+        else:  # not measured yet: a forward pass over the validation split, about a third of a training step per example
+            examples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+            eval_each = pace * len(trainer.eval_dataset or []) / examples_per_step / 3
+        every = state.eval_steps if args.eval_strategy == "steps" and state.eval_steps else math.inf
+        per_step = pace + eval_each / every  # a step, and its share of the evaluations along the way
+        affordable = state.global_step + int(max(0.0, self.budget_s - elapsed - eval_each) / per_step)
+        planned = max(state.global_step + 1, min(self.cap, affordable))
+        if not self.reported:
+            self.reported = True
+            whole_h = (self.cap * per_step + eval_each) / 3600
+            spare = self.budget_s / 3600 - whole_h
+            if planned < self.cap:
+                logger.warning("train_hours %g: at %.3f s per step here, the run is planned to end at step %d of the %d the "
+                               "epoch cap allows, decayed and saved within the budget (revised while the rate is stable).",
+                               self.budget_s / 3600, pace, planned, self.cap)
+            else:
+                logger.warning("train_hours %g: the whole run (%d steps, the epoch cap) takes about %.2f h here%s.",
+                               self.budget_s / 3600, self.cap, whole_h,
+                               f", leaving {spare:.2f} h of the budget unused: a larger model shape fits (README)"
+                               if spare > self.budget_s / 3600 / 5 else "")
+        if planned != state.max_steps:
+            self._apply(state, planned)
+            if state.is_world_process_zero:
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"max_steps": planned, "seconds_per_step": pace, "seconds_per_evaluation": eval_each,
+                                           "train_hours": self.budget_s / 3600, "epoch_cap_steps": self.cap}, indent=2), encoding="utf-8")
+                os.replace(tmp, self.path)
+
+
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
 
 
@@ -372,16 +491,20 @@ def settle_precision(model_args: ModelArguments, training_args, model, block_siz
     return choice
 
 
-def refuse_resuming_a_finished_run(checkpoint: str, args) -> None:
-    """Resuming at or past the last step would train one more step and log it twice: say the run is done."""
+def checkpoint_ends_the_run(checkpoint: str, args) -> bool:
+    """Whether `checkpoint` is at (or past) the run's last step, so resuming has nothing left to train."""
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
     step = state.get("global_step", 0)
     if args.max_steps > 0:
-        finished = step >= args.max_steps
-    else:
-        finished = args.num_train_epochs <= state.get("num_train_epochs", 0) and step >= state.get("max_steps", math.inf)
-    if finished:
-        raise FileExistsError(f"{checkpoint} is the end of a finished run (step {step}); raise --max_steps or "
+        return step >= args.max_steps
+    return args.num_train_epochs <= state.get("num_train_epochs", 0) and step >= state.get("max_steps", math.inf)
+
+
+def refuse_resuming_a_finished_run(checkpoint: str, args) -> None:
+    """A run whose final model is written is done: resuming would train one more step and log it twice. A run
+    killed between its last checkpoint and its final model is not refused: `train_and_evaluate` finishes it."""
+    if checkpoint_ends_the_run(checkpoint, args) and (Path(args.output_dir) / FINAL_LOG).is_file():
+        raise FileExistsError(f"{checkpoint} is the end of a finished run; raise --max_steps or "
                               "--num_train_epochs (within the epoch cap) to train further, or choose another --output_dir.")
 
 
@@ -485,14 +608,15 @@ def save_final_model(trainer: Trainer, output_dir: str, card: ModelCard) -> None
     trainer.save_model(str(staging))
     plot_loss_curve(trainer.state.log_history, staging / "loss_curve.png", card.data.model_name)
     write_card(card, staging / "README.md")
-    (staging / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    (staging / FINAL_LOG).write_text(json.dumps(trainer.state.log_history, indent=1))
     (staging / "training_args.bin").unlink(missing_ok=True)  # pickled; the recipe and log.csv say the same
     for item in staging.iterdir():
         os.replace(item, final / item.name)
     staging.rmdir()
 
 
-def build_callbacks(output_dir: str, tokenizer, model_args: ModelArguments, early_stopping: bool) -> list[TrainerCallback]:
+def build_callbacks(output_dir: str, tokenizer, model_args: ModelArguments, early_stopping: bool,
+                    trainer_ref: list | None = None) -> list[TrainerCallback]:
     from transformers import EarlyStoppingCallback
 
     Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -503,6 +627,8 @@ def build_callbacks(output_dir: str, tokenizer, model_args: ModelArguments, earl
     ]
     if model_args.max_train_minutes is not None:
         callbacks.append(TimeBudgetCallback(model_args.max_train_minutes))
+    if model_args.train_hours is not None:
+        callbacks.append(TrainingTimePlan(model_args.train_hours, output_dir, trainer_ref))
     if early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=model_args.early_stopping_patience))
     return callbacks
@@ -542,6 +668,22 @@ def collate_documents(features: list[dict], eos_token_id: int = EOS_TOKEN_ID) ->
     return {**batch, "position_ids": document_position_ids(batch["input_ids"], eos_token_id), "use_cache": False}
 
 
+def finish_from_last_checkpoint(trainer: TrmTrainer, checkpoint: str) -> dict:
+    """A run killed after its last checkpoint but before its final model: take the weights and state from that
+    checkpoint (the best one, with load_best_model_at_end, as the Trainer would) and let the caller evaluate and save."""
+    from transformers import TrainerState
+
+    logger.warning("resume: %s is the run's last step and its final model was never written (interrupted); "
+                   "finishing the run from it: evaluating and saving.", checkpoint)
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and Path(best).is_dir():
+        trainer._load_best_model()
+    trainer.state.log_history.append({"step": trainer.state.global_step, "finished_from_checkpoint": Path(checkpoint).name})
+    return {"epoch": trainer.state.epoch}
+
+
 def train_and_evaluate(
     phase: str, model, tokenizer, training_args, model_args: ModelArguments, train_dataset, eval_dataset,
     data_collator, resume: str | None,
@@ -552,6 +694,7 @@ def train_and_evaluate(
     )
     rules.check_step_budget(phase, training_args.max_steps, examples_per_step, len(train_dataset))
     keep_freed_memory_for_reuse()
+    trainer_ref: list = []  # the time plan re-plans the trainer's schedule once it knows the pace
     trainer = TrmTrainer(
         model=model,
         args=training_args,
@@ -559,13 +702,18 @@ def train_and_evaluate(
         eval_dataset=eval_dataset,
         data_collator=data_collator,
         processing_class=tokenizer,
-        callbacks=build_callbacks(training_args.output_dir, tokenizer, model_args, early_stopping=training_args.load_best_model_at_end),
+        callbacks=build_callbacks(training_args.output_dir, tokenizer, model_args, early_stopping=training_args.load_best_model_at_end,
+                                  trainer_ref=trainer_ref),
         loss_chunk_rows=model_args.loss_chunk_rows,
         use_muon=model_args.use_muon,
         prompt_loss_weight=model_args.prompt_loss_weight,
     )
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {**train_result.metrics, **trainer.evaluate()}
+    trainer_ref.append(trainer)
+    if resume and checkpoint_ends_the_run(resume, training_args):
+        train_metrics = finish_from_last_checkpoint(trainer, resume)
+    else:
+        train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    metrics = {**train_metrics, **trainer.evaluate()}
     metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
     metrics["examples_per_step"] = examples_per_step
     trainer.log_metrics("final", metrics)
