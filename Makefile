@@ -55,9 +55,12 @@ serve: venv
 index: venv
 	$(PY) run_index.py --index $(INDEX) $(if $(CORPUS),--corpus $(CORPUS)) $(ARGS)
 
+# The question reaches run_ask.py verbatim: neither make nor the shell expands $, `...` or quotes in it.
+QUESTION_ARG = '$(subst ','\'',$(value QUESTION))'
+
 ask: venv
-	@test -n "$(QUESTION)" || (echo 'usage: make ask QUESTION="..." [MODEL=dir] [INDEX=file]' && exit 2)
-	$(PY) run_ask.py $(MODEL) "$(QUESTION)" --index $(INDEX) $(ARGS)
+	$(if $(value QUESTION),,@echo 'usage: make ask QUESTION="..." [MODEL=dir] [INDEX=file]'; exit 2)
+	$(PY) run_ask.py $(MODEL) $(QUESTION_ARG) --index $(INDEX) $(ARGS)
 
 push: venv
 	@test -n "$(HUB_ID)" || (echo "usage: make push MODEL=DIR HUB_ID=user/name" && exit 2)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from data.files import checked_text
 from trm.cli import run_main
 from trm.generation import load_model
 from trm.grounded import GroundedSettings
@@ -43,9 +44,10 @@ def describe(result: RetrievedAnswer) -> str:
 
 def main(argv=None) -> RetrievedAnswer:
     args = parse_args(argv)
+    checked_text(args.question, "the question")
     if args.top_k < 1:
         raise RecipeError("--top_k must be at least 1.")
-    index = PassageIndex(args.index)
+    index = PassageIndex(args.index, read_only=True)
     model, tokenizer = load_model(args.model_name_or_path)
     settings = GroundedSettings.for_model(args.model_name_or_path, no_answer_threshold=args.no_answer_threshold,
                                           prior_weight=args.prior_weight)

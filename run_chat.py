@@ -19,7 +19,7 @@ import sys
 import torch
 from transformers import TextStreamer
 
-from data.files import DataError, read_text
+from data.files import DataError, checked_text, read_text
 from data.passages import split_passages
 from trm.cli import run_main
 from trm.generation import SamplingSettings, context_length, fit_history, generate_reply, load_model
@@ -57,7 +57,7 @@ def grounded_reply(model, tokenizer, passage: str, question: str) -> str:
 
 
 def ask_reply(model, tokenizer, index_path: str, question: str, top_k: int) -> str:
-    index = PassageIndex(index_path)
+    index = PassageIndex(index_path, read_only=True)
     try:
         result = ask(model, tokenizer, index, question, GroundedSettings.for_model(model.name_or_path), top_k)
     finally:
@@ -65,6 +65,25 @@ def ask_reply(model, tokenizer, index_path: str, question: str, top_k: int) -> s
     if result.passage is None:
         return f"{result.answer} (no indexed passage shares a word with the question)"
     return f"{result.answer}\n  source: [{result.passage.title}] {result.passage.text}"
+
+
+MAX_PASSAGE_CHARS = 20_000  # ~40 windows of ~120 tokens: about 10 s of grounded answering on a 2-core CPU
+
+
+def capped_passage(text: str, source: str) -> str:
+    if len(text) > MAX_PASSAGE_CHARS:
+        raise DataError(f"{source} holds {len(text):,} characters; a passage may hold at most {MAX_PASSAGE_CHARS:,} "
+                        "(index longer texts with make index and use /ask).")
+    return text
+
+
+def stdin_lines():
+    """Lines of standard input decoded strictly; None for a line that is not UTF-8 (the chat says so and goes on)."""
+    for raw in sys.stdin.buffer:
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield None
 
 
 def main(argv=None) -> None:
@@ -77,7 +96,9 @@ def main(argv=None) -> None:
     max_prompt_tokens = context_length(model) - settings.max_new_tokens
     if settings.max_new_tokens < 1 or max_prompt_tokens <= 0:
         raise RecipeError(f"--max_new_tokens must be between 1 and the context length {context_length(model)} - 1.")
-    passage = read_text(args.passage_file) if args.passage_file else None
+    if args.prompt is not None:
+        checked_text(args.prompt, "--prompt")
+    passage = capped_passage(read_text(args.passage_file), args.passage_file) if args.passage_file else None
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
@@ -85,8 +106,11 @@ def main(argv=None) -> None:
     if interactive:
         print("Chatting with", args.model_name_or_path, "- /passage TEXT, /ask QUESTION, /reset clears the history, /exit quits.")
         print("you> ", end="", flush=True)
-    lines = [args.prompt] if args.prompt is not None else sys.stdin
+    lines = [args.prompt] if args.prompt is not None else stdin_lines()
     for line in lines:
+        if line is None:
+            print("(that line is not valid UTF-8 text; skipped)")
+            continue
         message = line.strip()
         command, _, rest = message.partition(" ")
         if not message:
@@ -97,7 +121,11 @@ def main(argv=None) -> None:
             history = list(base)
             print("(history cleared)")
         elif command == "/passage":
-            passage = rest.strip() or None
+            try:
+                passage = capped_passage(rest.strip(), "/passage") or None
+            except DataError as error:  # the chat goes on
+                print(f"({error})")
+                continue
             print("(answering from the passage)" if passage else "(back to free chat)")
         elif command == "/ask":
             try:

@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from data.files import DataError
+from data.files import DataError, read_text
 from trm.blimp import blimp_evaluation
 from trm.cli import run_main
 from trm.evaluation import (
@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
     if args.instructions_file or not (args.text_file or args.prepared_dir or args.squad_file or args.squad_v2_file
                                       or args.calibrate_no_answer or args.blimp):
         path = Path(args.instructions_file or DEFAULT_INSTRUCTIONS)
-        instructions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        instructions = [line.strip() for line in read_text(path).splitlines() if line.strip()]
         if not instructions:
             raise DataError(f"{path} holds no instructions; write one per line.")
         result = instruction_evaluation(model, tokenizer, instructions[: args.limit], args.max_new_tokens)

@@ -19,7 +19,10 @@ from models.gpt2 import parameter_counts
 from trm import rules
 from trm.cli import run_main
 from trm.model_card import base_model_datasets, build_card
+from data.files import DataError
+from trm.evaluation import calibrate_no_answer_on
 from trm.generation import from_pretrained
+from trm.grounded import GROUNDING_FILE, GroundedSettings
 from trm.recipe import RecipeError, parse_recipe
 from trm.training import (
     ModelArguments, default_generation_config, claim_output_dir, save_final_model, settle_precision,
@@ -46,6 +49,25 @@ def load_phase1_model(path: str | None):
     return from_pretrained(AutoModelForCausalLM, folder)
 
 
+def calibrated_grounding(trainer, tokenizer, datasets_, metrics: dict) -> dict[str, str]:
+    """The no-answer threshold calibrated on held-out SQuAD v2.0 questions (articles never trained on), as the
+    model's `grounding.json`: `make ask`, chat and `make serve` answer at that operating point out of the box."""
+    if "calibration" not in datasets_ or not trainer.is_world_process_zero():
+        return {}
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    rows = [dict(row) for row in datasets_["calibration"]]
+    try:
+        calibration = calibrate_no_answer_on(model, tokenizer, rows, GroundedSettings(), "the held-out SQuAD v2.0 questions")
+    except DataError as error:
+        logger.warning("no-answer threshold not calibrated: %s", error)
+        return {}
+    metrics.update({f"calibration_{key}": value for key, value in calibration.items()})
+    logger.info("no-answer threshold %.3f, calibrated on %d held-out SQuAD v2.0 questions: grounded F1 %.1f there, %.0f%% answered",
+                calibration["no_answer_threshold"], calibration["questions"], calibration["f1_at_threshold"], calibration["answered_share"])
+    settings = GroundedSettings(no_answer_threshold=calibration["no_answer_threshold"])
+    return {GROUNDING_FILE: settings.to_json()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_recipe(
         (ModelArguments, SftDataArguments, TrainingArguments), argv, defaults=DEFAULTS
@@ -67,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("%s", describe_mix(report))
     model.generation_config = default_generation_config(tokenizer)
     model.config.squad_layout = data_args.squad_layout  # evaluation and chat lay passages out as the model learned
+    model.config.squad_abstain_instruction = data_args.squad_abstain_instruction  # and use the instruction it learned
     counts = parameter_counts(model)
     validation = datasets_["validation"].remove_columns(["length"])
     trainer, metrics = train_and_evaluate(
@@ -77,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         held_out = validation.filter(lambda row: row["source"] == source).remove_columns(["source"])
         if len(held_out):
             metrics.update(trainer.evaluate(eval_dataset=held_out, metric_key_prefix=f"eval_{source}"))
+    grounding = calibrated_grounding(trainer, tokenizer, datasets_, metrics)
     mix = ", ".join(f"{s} {r['train']['examples']:,}" for s, r in report.items())
     phase1_datasets, phase1_unknown = base_model_datasets(model_args.model_name_or_path)
     tuned_on = [HUB_SOURCES[source].name for source in report if source in HUB_SOURCES]
@@ -96,13 +120,18 @@ def main(argv: list[str] | None = None) -> dict:
             "validation loss (reply tokens)": f"{metrics['eval_loss']:.4f}",
             "per source": ", ".join(f"{s} {metrics[f'eval_{s}_loss']:.3f}" for s in report if f"eval_{s}_loss" in metrics),
             "reading-comprehension layout": data_args.squad_layout,
+            "abstention-aware SQuAD v2.0 instruction": data_args.squad_abstain_instruction,
+            **({"no-answer threshold (grounding.json)": (
+                f"{metrics['calibration_no_answer_threshold']:.3f}, calibrated on {metrics['calibration_questions']} held-out "
+                f"SQuAD v2.0 questions (F1 {metrics['calibration_f1_at_threshold']:.1f}, "
+                f"{metrics['calibration_answered_share']:.0f}% answered)")} if grounding else {}),
         },
         datasets=list(dict.fromkeys(phase1_datasets + tuned_on)), unknown_sources=phase1_unknown or "chat" in report,
         results=[EvalResult(task_type="text-generation", dataset_type="trm-phase2-mix", dataset_name=f"held-out examples ({mix})",
                             dataset_split="validation", metric_type="loss", metric_value=round(metrics["eval_loss"], 4))],
         from_scratch=False, base_model=model_args.base_model_id,
     )
-    save_final_model(trainer, training_args.output_dir, card)
+    save_final_model(trainer, training_args.output_dir, card, extra_files=grounding)
     logger.info("model saved to %s", training_args.output_dir)
     return metrics
 

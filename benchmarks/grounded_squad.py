@@ -65,8 +65,8 @@ def main() -> None:
     settings = GroundedSettings.for_model(args.model_name_or_path, no_answer_threshold=0.0, prior_weight=args.prior_weight)
     report, table = {"model": args.model_name_or_path, "settings": vars(settings)}, []
 
-    def free(row):
-        reply = free_squad_answer(model, tokenizer, row, 32)
+    def free(row, may_abstain):
+        reply = free_squad_answer(model, tokenizer, row, 32, may_abstain)
         return "" if reply is None or reply == NO_ANSWER_REPLY else reply
 
     def grounded(row, allow_no_answer):
@@ -74,7 +74,7 @@ def main() -> None:
         return answer
 
     rows = squad_questions(args.squad_file, args.limit)
-    free_predictions, free_seconds = timed(free, rows)
+    free_predictions, free_seconds = timed(lambda row: free(row, False), rows)
     grounded_answers, grounded_seconds = timed(lambda row: grounded(row, False), rows)
     report["v1.1"] = {"free": {**scores(free_predictions, rows), "seconds_per_question": free_seconds},
                       "grounded": {**scores([a.answer if a else "" for a in grounded_answers], rows),
@@ -82,8 +82,8 @@ def main() -> None:
     table += [("SQuAD v1.1", "free (greedy)", report["v1.1"]["free"]), ("SQuAD v1.1", "grounded (always a span)", report["v1.1"]["grounded"])]
 
     if not args.v1_only:
-        rows = squad_questions(args.squad_v2_file, args.limit)
-        free_predictions, free_seconds = timed(free, rows)
+        rows = squad_questions(args.squad_v2_file, args.limit, "squad_v2")
+        free_predictions, free_seconds = timed(lambda row: free(row, True), rows)
         answers, grounded_seconds = timed(lambda row: grounded(row, True), rows)
         kept = [(a, r) for a, r in zip(answers, rows) if a is not None]
         titles = sorted({r["title"] for _, r in kept})

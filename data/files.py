@@ -39,6 +39,22 @@ class SkipCounter(Counter):
         return ", ".join(f"{count:,} {reason}" for reason, count in sorted(self.items())) or "nothing"
 
 
+def is_text(value: str) -> bool:
+    """False for a str holding lone surrogates: undecodable bytes of an argument, or a JSON "\\ud800" escape."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def checked_text(value: str, source: str) -> str:
+    """User text (an argument, a line of stdin, a request) refused in one sentence when it is not valid UTF-8."""
+    if not is_text(value):
+        raise DataError(f"{source} is not valid UTF-8 text; check its encoding.")
+    return value
+
+
 def split_suffix(path: Path) -> tuple[str, str | None]:
     """Return (format suffix, compression suffix or None), e.g. ('.jsonl', '.xz')."""
     suffixes = [s.lower() for s in path.suffixes]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from data.files import DataError, SkipCounter, read_records
+from data.files import DataError, SkipCounter, is_text, read_records
 from data.hub import HUB_SOURCES, load_hub_dataset
 from data.prompt_format import validate_messages
 from trm import rules
@@ -44,6 +44,7 @@ class Conversation:
     question: str | None = None
     answers: list[str] = field(default_factory=list)
     answer_start: int | None = None
+    article: str | None = None  # SQuAD: the article's title, by which the questions are split (train / held out)
 
 
 def _load_hub(source: str, split: str | None = None, streaming: bool = False):
@@ -114,6 +115,9 @@ def load_squad(path: str, skipped: SkipCounter, version: str, streaming: bool = 
         if not context or not question:
             skipped["questions without a passage or question text"] += 1
             continue
+        if not (is_text(context) and is_text(question) and all(is_text(a.get("text") or "") for a in answers)):
+            skipped["questions holding text that is not valid Unicode"] += 1
+            continue
         if impossible and version != "2.0":
             skipped["unanswerable questions in a v1.1 file"] += 1
             continue
@@ -133,7 +137,7 @@ def load_squad(path: str, skipped: SkipCounter, version: str, streaming: bool = 
         # one version and in validation for the other.
         yield Conversation(
             source, f"squad-passage:{context[:200]}", passage=context, question=question,
-            answers=[a["text"].strip() for a in answers], answer_start=answer_start,
+            answers=[a["text"].strip() for a in answers], answer_start=answer_start, article=_text(row.get("title")) or None,
         )
 
 

@@ -111,13 +111,26 @@ DEFAULT_SQUAD_LAYOUT = "question_first"
 UNRECORDED_SQUAD_LAYOUT = "passage_first"
 
 
-def reading_comprehension_message(passage: str, question: str, layout: str = DEFAULT_SQUAD_LAYOUT) -> str:
+# Two instructions, so the model can know when abstaining is allowed at all: SQuAD v1.1 questions (known to be
+# answerable) get ANSWER_INSTRUCTION, SQuAD v2.0 questions and retrieved passages ABSTAIN_INSTRUCTION. A model
+# tuned that way has `squad_abstain_instruction: true` in its config; older models saw ANSWER_INSTRUCTION always.
+ANSWER_INSTRUCTION = "Answer the question using the passage."
+ABSTAIN_INSTRUCTION = "Answer the question using the passage, or say that the passage does not contain the answer."
+
+
+def reading_comprehension_message(passage: str, question: str, layout: str = DEFAULT_SQUAD_LAYOUT,
+                                  instruction: str = ANSWER_INSTRUCTION) -> str:
     if layout not in SQUAD_LAYOUTS:
         raise ValueError(f"squad_layout must be one of {', '.join(SQUAD_LAYOUTS)}, got {layout!r}")
     body = f"{PASSAGE_LABEL}{passage.strip()}\n\nQuestion: {question.strip()}"
     if layout == "question_first":
         body = f"Question: {question.strip()}\n\n{body}"
-    return f"Answer the question using the passage.\n\n{body}"
+    return f"{instruction}\n\n{body}"
+
+
+def squad_instruction_of(model, may_abstain: bool) -> str:
+    """The instruction `model` learned for a question that may (v2.0, retrieval) or may not (v1.1) lack an answer."""
+    return ABSTAIN_INSTRUCTION if may_abstain and getattr(model.config, "squad_abstain_instruction", False) else ANSWER_INSTRUCTION
 
 
 def squad_layout_of(model) -> str:

@@ -11,7 +11,9 @@ Design decisions:
   from the start, for unanswerable questions) so the answer stays inside; a dialogue too long keeps its
   leading exchanges; an example that cannot fit is dropped. Every such case is counted per source.
 - Validation: a hash of each example's group picks `validation_split_percentage` of groups per source,
-  capped at `validation_max_examples`; at least one group per source is held out.
+  capped at `validation_max_examples`; at least one group per source is held out. SQuAD is split by article,
+  and up to `calibration_max_questions` held-out SQuAD v2.0 questions are kept whole (passage, question,
+  answers) for calibrating the no-answer threshold at the end of training.
 - Balancing: each source's training examples are capped (`<source>_max_examples`, a seeded sample,
   filled with examples that fit the context); the defaults keep the 10x larger SQuAD from swamping
   DailyDialog and Alpaca. A source left with no example that fits is an error naming the reason. The
@@ -34,11 +36,14 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from data.cache import fingerprint, load_prepared, save_prepared
 from data.files import DataError, SkipCounter
 from data.instruction_sources import Conversation, load_source
-from data.prompt_format import DEFAULT_SQUAD_LAYOUT, NO_ANSWER_REPLY, SQUAD_LAYOUTS, reading_comprehension_message, render
+from data.prompt_format import (
+    ABSTAIN_INSTRUCTION, ANSWER_INSTRUCTION, DEFAULT_SQUAD_LAYOUT, NO_ANSWER_REPLY, SQUAD_LAYOUTS, reading_comprehension_message,
+    render,
+)
 
 logger = logging.getLogger(__name__)
 SOURCES = ("alpaca", "squad", "squad_v2", "dailydialog", "chat")
-PIPELINE_VERSION = 1  # bump when a change alters the prepared examples
+PIPELINE_VERSION = 2  # bump when a change alters the prepared examples
 IGNORE_INDEX = -100
 
 
@@ -61,7 +66,9 @@ class SftDataArguments:
     max_seq_length: int = field(default=256, metadata={"help": "Tokens per example (the context length)."})
     squad_layout: str = field(default=DEFAULT_SQUAD_LAYOUT, metadata={"help": f"Reading-comprehension prompt layout: {' | '.join(SQUAD_LAYOUTS)}; stored with the model."})
     squad_v2_max_unanswerable: int | None = field(default=None, metadata={"help": "Training cap on SQuAD v2.0 questions without an answer (the held-out split keeps them all)."})
+    squad_abstain_instruction: bool = field(default=True, metadata={"help": "SQuAD v2.0 prompts say the passage may not hold the answer (v1.1 prompts do not); stored with the model."})
     squad_v2_drop_v1_duplicates: bool = field(default=False, metadata={"help": "Leave out SQuAD v2.0 questions that SQuAD v1.1 also has (its answerable ones)."})
+    calibration_max_questions: int = field(default=400, metadata={"help": "Held-out SQuAD v2.0 questions (articles never trained on) the no-answer threshold is calibrated on at the end of training; 0: none."})
     data_cache_dir: str = field(default="cache/data", metadata={"help": "Where prepared datasets are kept."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Prepare again even if a cached copy exists."})
 
@@ -82,10 +89,11 @@ def encode_messages(messages: list[dict], tokenizer) -> tuple[list[int], list[in
 
 
 def fit_passage(passage: str, question: str, reply: str, tokenizer, max_length: int, anchor: int | None,
-                layout: str = DEFAULT_SQUAD_LAYOUT) -> str | None:
+                layout: str = DEFAULT_SQUAD_LAYOUT, instruction: str = ANSWER_INSTRUCTION) -> str | None:
     """The longest window of `passage` (around character `anchor`, else from the start) that fits with the question and reply."""
     def length(text: str) -> int:
-        messages = [{"role": "user", "content": reading_comprehension_message(text, question, layout)}, {"role": "assistant", "content": reply}]
+        messages = [{"role": "user", "content": reading_comprehension_message(text, question, layout, instruction)},
+                    {"role": "assistant", "content": reply}]
         return len(tokenizer(render(messages)[0], add_special_tokens=False)["input_ids"])
 
     if length(passage) <= max_length:
@@ -107,16 +115,19 @@ def fit_passage(passage: str, question: str, reply: str, tokenizer, max_length: 
     return None
 
 
-def _reply_and_passage(conversation: Conversation, tokenizer, max_length: int, counts: SkipCounter, layout: str) -> list[dict] | None:
+def _reply_and_passage(conversation: Conversation, tokenizer, max_length: int, counts: SkipCounter, layout: str,
+                       abstain_instruction: bool) -> list[dict] | None:
     reply = conversation.answers[0] if conversation.answers else NO_ANSWER_REPLY
-    passage = fit_passage(conversation.passage, conversation.question, reply, tokenizer, max_length, conversation.answer_start, layout)
+    instruction = ABSTAIN_INSTRUCTION if abstain_instruction and conversation.source == "squad_v2" else ANSWER_INSTRUCTION
+    passage = fit_passage(conversation.passage, conversation.question, reply, tokenizer, max_length, conversation.answer_start,
+                          layout, instruction)
     if passage is None:
         counts["dropped: question and answer alone exceed the context"] += 1
         return None
     if passage != conversation.passage:
         counts["shortened: passage windowed around the answer"] += 1
     return [
-        {"role": "user", "content": reading_comprehension_message(passage, conversation.question, layout)},
+        {"role": "user", "content": reading_comprehension_message(passage, conversation.question, layout, instruction)},
         {"role": "assistant", "content": reply},
     ]
 
@@ -135,10 +146,10 @@ def _fit_dialogue(messages: list[dict], tokenizer, max_length: int, counts: Skip
 
 
 def encode_conversation(conversation: Conversation, tokenizer, max_length: int, counts: SkipCounter,
-                        layout: str = DEFAULT_SQUAD_LAYOUT) -> dict | None:
+                        layout: str = DEFAULT_SQUAD_LAYOUT, abstain_instruction: bool = True) -> dict | None:
     messages = conversation.messages
     if conversation.passage is not None:
-        messages = _reply_and_passage(conversation, tokenizer, max_length, counts, layout)
+        messages = _reply_and_passage(conversation, tokenizer, max_length, counts, layout, abstain_instruction)
         if messages is None:
             return None
     fitted = _fit_dialogue(messages, tokenizer, max_length, counts)
@@ -148,15 +159,22 @@ def encode_conversation(conversation: Conversation, tokenizer, max_length: int, 
     return {"input_ids": ids, "labels": labels, "length": len(ids), "source": conversation.source}
 
 
+def _split_key(conversation: Conversation, by_article: bool) -> str:
+    return f"article:{conversation.article}" if by_article else conversation.group
+
+
 def _split_groups(conversations: list[Conversation], args: SftDataArguments) -> tuple[list, list]:
+    # SQuAD is split by article (held-out questions are about articles never trained on), other sources by group.
+    by_article = len({c.article for c in conversations if c.article}) > 1
     train, validation = [], []
     for conversation in conversations:
-        held_out = _hash_fraction(conversation.group) < args.validation_split_percentage / 100
+        held_out = _hash_fraction(_split_key(conversation, by_article)) < args.validation_split_percentage / 100
         (validation if held_out else train).append(conversation)
-    if not validation and len({c.group for c in conversations}) > 1:
-        group = min((c.group for c in conversations), key=_hash_fraction)
-        validation = [c for c in conversations if c.group == group]
-        train = [c for c in conversations if c.group != group]
+    keys = {_split_key(c, by_article) for c in conversations}
+    if not validation and len(keys) > 1:
+        key = min(keys, key=_hash_fraction)
+        validation = [c for c in conversations if _split_key(c, by_article) == key]
+        train = [c for c in conversations if _split_key(c, by_article) != key]
     return train, validation
 
 
@@ -237,7 +255,8 @@ def _prepare(args: SftDataArguments, tokenizer, seed: int) -> tuple[DatasetDict,
             for conversation in items:
                 if limit is not None and len(rows) >= limit:
                     break
-                if row := encode_conversation(conversation, tokenizer, args.max_seq_length, counts, args.squad_layout):
+                if row := encode_conversation(conversation, tokenizer, args.max_seq_length, counts, args.squad_layout,
+                                              args.squad_abstain_instruction):
                     rows.append(row)
             if split == "train" and not rows:
                 raise DataError(f"{source}: none of its {len(items):,} training examples fits the {args.max_seq_length}-token "
@@ -249,6 +268,12 @@ def _prepare(args: SftDataArguments, tokenizer, seed: int) -> tuple[DatasetDict,
             }
             if rows:
                 splits[split].append(Dataset.from_list(rows))
+        if source == "squad_v2" and args.calibration_max_questions > 0:
+            held_out = [{"context": c.passage, "question": c.question, "answers": c.answers, "title": c.article or ""}
+                        for c in validation[: args.calibration_max_questions]]
+            if held_out:
+                splits["calibration"].append(Dataset.from_list(held_out))
+                source_report["calibration_questions"] = len(held_out)
         source_report["train_cap"] = cap
         source_report["skipped_or_changed"] = dict(counts)
         report[source] = source_report
@@ -257,6 +282,7 @@ def _prepare(args: SftDataArguments, tokenizer, seed: int) -> tuple[DatasetDict,
     datasets_ = DatasetDict(
         train=concatenate_datasets(splits["train"]).shuffle(seed=seed),
         validation=concatenate_datasets(splits["validation"]),
+        **({"calibration": concatenate_datasets(splits["calibration"])} if splits["calibration"] else {}),
     )
     return datasets_, report
 

@@ -211,3 +211,88 @@ def test_make_push_uploads_the_model_and_never_the_pickled_training_state():
              "run_settings.json", "log.csv", "checkpoint-40/model.safetensors", "runs/events.out", ".tmp-final-7/x"]
     uploaded = set(filter_repo_objects(files, ignore_patterns=LOCAL_ONLY))
     assert uploaded == {"config.json", "model.safetensors", "tokenizer.json", "README.md", "loss_curve.png", "grounding.json"}
+
+
+def _run(*command, stdin: bytes = b""):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *command], input=stdin, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_undecodable_text_from_stdin_arguments_and_files_is_one_sentence(model_dir, tmp_path):
+    chat = _run("run_chat.py", str(model_dir), "--max_new_tokens", "4", stdin=b"hello\n\xff\xfe broken\nagain\n")
+    assert chat.returncode == 0 and b"not valid UTF-8 text; skipped" in chat.stdout and chat.stdout.count(b"assistant>") == 2
+    prompt = _run("run_chat.py", str(model_dir), "--max_new_tokens", "4", "--prompt", b"caf\xe9")  # Latin-1 bytes
+    assert prompt.returncode == 2 and prompt.stderr.strip().endswith(b"--prompt is not valid UTF-8 text; check its encoding.")
+    import run_ask
+
+    with pytest.raises(DataError, match="the question is not valid UTF-8"):
+        run_ask.main([str(model_dir), "caf\udce9", "--index", str(tmp_path / "none.sqlite")])
+    instructions = tmp_path / "instructions.txt"
+    instructions.write_bytes(b"Name a colour.\n\xff\n")
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        run_eval.main([str(model_dir), "--instructions_file", str(instructions)])
+    squad = tmp_path / "squad.json"
+    squad.write_text('{"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "Bad \\ud800 text.", "qas": '
+                     '[{"id": "1", "question": "What?", "answers": [{"text": "Bad", "answer_start": 0}]}]}]}]}')
+    skipped = SkipCounter()
+    assert list(load_source("squad", str(squad), skipped)) == []
+    assert skipped == {"questions holding text that is not valid Unicode": 1}
+
+
+def test_a_long_passage_in_the_chat_is_refused_with_its_limit_and_the_chat_goes_on(model_dir):
+    chat = _run("run_chat.py", str(model_dir), "--max_new_tokens", "4", stdin=b"/passage " + b"word " * 20_000 + b"\nhello\n")
+    assert chat.returncode == 0 and b"a passage may hold at most 20,000" in chat.stdout and b"assistant>" in chat.stdout
+
+
+def test_index_errors_are_one_sentence_and_a_foreign_database_is_never_written(model_dir, tmp_path):
+    import hashlib
+    import sqlite3
+
+    import run_ask
+    import run_index
+
+    foreign = tmp_path / "app.sqlite"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, amount REAL)")
+    before = hashlib.sha256(foreign.read_bytes()).hexdigest()
+    with pytest.raises(DataError, match="not a passage index .*invoices"):
+        run_ask.main([str(model_dir), "Where is the river?", "--index", str(foreign)])
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The river flows through the old town and the bridge crosses it.\n")
+    with pytest.raises(DataError, match="not a passage index"):
+        run_index.main(["--corpus", str(corpus), "--index", str(foreign)])
+    assert hashlib.sha256(foreign.read_bytes()).hexdigest() == before
+
+    index = tmp_path / "index.sqlite"
+    run_index.main(["--corpus", str(corpus), "--index", str(index)])
+    damaged = bytearray(index.read_bytes())
+    damaged[4096:] = b"\x00" * (len(damaged) - 4096)  # every page after the first wiped
+    index.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match="damaged|not a passage index"):
+        run_ask.main([str(model_dir), "Where is the river?", "--index", str(index)])
+    chat = _run("run_chat.py", str(model_dir), "--max_new_tokens", "4", "--index", str(index), stdin=b"/ask Where is the river?\nhello\n")
+    assert chat.returncode == 0 and b"Traceback" not in chat.stderr and b"assistant>" in chat.stdout
+
+    locked = tmp_path / "locked.sqlite"
+    run_index.main(["--corpus", str(corpus), "--index", str(locked)])
+    holder = sqlite3.connect(locked)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(DataError, match="being written by another process"):
+            run_index.main(["--corpus", str(tmp_path / "app.sqlite"), "--index", str(locked)])
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_make_ask_passes_the_question_verbatim():
+    import shlex
+    import subprocess
+
+    question = "What costs $5 `id` and $(shell id) in it's \"quotes\"?"
+    dry = subprocess.run(["make", "-n", "ask", f"QUESTION={question}"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    line = next(line for line in dry.stdout.splitlines() if "run_ask.py" in line)
+    assert shlex.split(line)[3] == question

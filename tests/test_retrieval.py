@@ -129,6 +129,13 @@ def test_make_index_and_ask_from_the_command_line(tmp_path, corpus, model_dir, c
     assert printed["answer"] == result.answer and (result.answer in result.passage.text or not result.answered)
     with pytest.raises(DataError, match="too long"):
         run_ask.main([str(model_dir), "Rhine " * 300, "--index", str(index_path)])
+    # The threshold stored with the model decides, with no extra argument: below every margin it answers.
+    from trm.grounded import GroundedSettings
+
+    GroundedSettings(no_answer_threshold=result.margin - 1000.0).save(model_dir)
+    assert run_ask.main([str(model_dir), "Where does the Rhine end in Europe?", "--index", str(index_path), "--top_k", "2"]).answered
+    GroundedSettings(no_answer_threshold=result.margin + 1000.0).save(model_dir)
+    assert not run_ask.main([str(model_dir), "Where does the Rhine end in Europe?", "--index", str(index_path), "--top_k", "2"]).answered
 
 
 def test_the_default_corpus_is_the_phase1_recipe_corpus(tmp_path):

@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from benchmarks.serve_probe import exchange, request_bytes, run_probe, status_of
 from data.prompt_format import generation_prompt
 from trm.generation import fit_history, load_model
 from trm.serve import ChatService, ClientGone, ServerLimits, make_server
@@ -110,36 +111,16 @@ def test_a_message_typed_into_the_page_in_headless_chromium_gets_a_reply(server,
 # Bounds under hostile input: each case below once dropped the connection, parked a thread or answered
 # a request it should have refused.
 
-def _raw(port: int, data: bytes, timeout: float = 10) -> bytes:
-    """Send raw bytes and read the whole answer (the server closes the connection after an error)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
-        connection.sendall(data)
-        answer = b""
-        while chunk := connection.recv(65536):
-            answer += chunk
-            if b"\r\n\r\n" in answer:
-                head, _, body = answer.partition(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), None)
-                if length is not None and len(body) >= length:
-                    break
-        return answer
+def _raw(port: int, data: bytes) -> bytes:
+    return exchange(port, data, timeout=30)
 
 
-def _status(answer: bytes) -> int:
-    return int(answer.split(b" ", 2)[1])
-
-
-def _request(port, method="POST", path="/v1/chat/completions", body=b'{"messages": [{"role": "user", "content": "Hi"}]}',
-             headers=None) -> bytes:
-    fields = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json", "Content-Length": str(len(body)),
-              "Connection": "close", **(headers or {})}
-    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items() if v is not None) + "\r\n"
-    return head.encode("latin-1") + body
+_status, _request = status_of, request_bytes
 
 
 @pytest.fixture()
 def bounded(model_dir):
-    httpd, service = _start(model_dir, ServerLimits(max_body_bytes=10_000, socket_timeout_s=1.0, max_connections=4,
+    httpd, service = _start(model_dir, ServerLimits(socket_timeout_s=1.0, max_connections=4,
                                                      request_deadline_s=1.0),
                             allowed_origins=("http://localhost:3000",))
     yield httpd.server_address[1], service
@@ -195,6 +176,12 @@ def test_malformed_requests_get_400_and_a_sentence(bounded, body, words):
     port, _ = bounded
     answer = _raw(port, _request(port, body=body))
     assert _status(answer) == 400 and words in json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["message"]
+
+
+def test_the_hostile_input_probe_holds_against_the_server(bounded):
+    port, _ = bounded
+    results = run_probe(port, max_connections=4)
+    assert all(r["held"] == r["tried"] for r in results.values()), results
 
 
 def test_a_tiny_temperature_answers_greedily(bounded):

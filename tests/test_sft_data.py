@@ -182,7 +182,8 @@ def test_the_unanswerable_share_of_squad_v2_training_is_capped_and_counted(tmp_p
     capped, capped_report = prepare_sft_data(args, tokenizer)
     left_out = capped_report["squad_v2"]["skipped_or_changed"]["left out: unanswerable beyond squad_v2_max_unanswerable"]
     assert capped_report["squad_v2"]["train"]["examples"] == trained - left_out and trained // 2 - left_out == 3
-    abstaining = [row for row in capped["train"] if tokenizer.decode(row["input_ids"]).count("does not contain the answer")]
+    abstaining = [row for row in capped["train"]
+                  if NO_ANSWER_REPLY in tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX])]
     assert len(abstaining) == 3 and capped["validation"]["input_ids"] == data["validation"]["input_ids"]
 
 
@@ -243,3 +244,58 @@ def test_local_exports_in_the_hub_layout_read_like_the_original_formats(tmp_path
     _, report = prepare_sft_data(args, tokenizer)
     assert all(report[source]["train"]["examples"] + report[source]["validation"]["examples"] > 0
                for source in ("alpaca", "squad", "squad_v2", "dailydialog")), report
+
+
+def test_squad_v2_prompts_say_the_answer_may_be_missing_and_v1_prompts_do_not(tmp_path, tokenizer):
+    from data.prompt_format import ABSTAIN_INSTRUCTION, ANSWER_INSTRUCTION
+
+    v1, _ = _load("squad", _squad_file(tmp_path / "v1.json", "1.1"))
+    v2, _ = _load("squad_v2", _squad_file(tmp_path / "v2.json", "v2.0"))
+    texts = {name: tokenizer.decode(encode_conversation(conversation, tokenizer, 256, SkipCounter())["input_ids"])
+             for name, conversation in (("v1.1", v1[0]), ("v2.0 answerable", v2[0]), ("v2.0 unanswerable", v2[1]))}
+    assert texts["v1.1"].startswith(f"User: {ANSWER_INSTRUCTION}\n\nQuestion: ")
+    assert all(texts[name].startswith(f"User: {ABSTAIN_INSTRUCTION}\n\nQuestion: ") for name in ("v2.0 answerable", "v2.0 unanswerable"))
+    legacy = tokenizer.decode(encode_conversation(v2[0], tokenizer, 256, SkipCounter(), abstain_instruction=False)["input_ids"])
+    assert legacy.startswith(f"User: {ANSWER_INSTRUCTION}\n\nQuestion: ")  # squad_abstain_instruction: false
+
+
+def test_evaluation_and_grounding_use_the_instruction_the_model_learned(model_dir, tokenizer, monkeypatch):
+    from data.prompt_format import ABSTAIN_INSTRUCTION, ANSWER_INSTRUCTION, squad_instruction_of
+    from trm import evaluation
+    from trm.generation import load_model
+
+    model, _ = load_model(model_dir)
+    assert squad_instruction_of(model, may_abstain=True) == ANSWER_INSTRUCTION  # a model from before the setting
+    model.config.squad_abstain_instruction = True
+    assert squad_instruction_of(model, may_abstain=True) == ABSTAIN_INSTRUCTION
+    assert squad_instruction_of(model, may_abstain=False) == ANSWER_INSTRUCTION
+    prompts = []
+    monkeypatch.setattr(evaluation, "generate_reply", lambda m, t, messages, s: prompts.append(messages[0]["content"]) or ("", True))
+    row = {"context": "Their leader was Rollo.", "question": "Who was their leader?", "answers": ["Rollo"]}
+    evaluation.free_squad_answer(model, tokenizer, row, 8, may_abstain=False)
+    evaluation.free_squad_answer(model, tokenizer, row, 8, may_abstain=True)
+    assert prompts[0].startswith(ANSWER_INSTRUCTION + "\n") and prompts[1].startswith(ABSTAIN_INSTRUCTION + "\n")
+
+
+def _squad_articles(path, articles: int):
+    data = []
+    for a in range(articles):
+        paragraphs = [{"context": f"Town{a}x{p} lies on the river Ora{a}. Its mayor is Anna{a}x{p}.", "qas": [
+            {"id": f"{a}-{p}a", "question": f"Who is the mayor of Town{a}x{p}?",
+             "answers": [{"text": f"Anna{a}x{p}", "answer_start": 0}]},
+            {"id": f"{a}-{p}b", "question": f"Who founded Town{a}x{p}?", "answers": [], "is_impossible": True}]} for p in range(3)]
+        data.append({"title": f"Article{a}", "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": "v2.0", "data": data}))
+    return path
+
+
+def test_squad_is_held_out_by_article_and_held_out_v2_questions_are_kept_for_calibration(tmp_path, tokenizer):
+    v2 = _squad_articles(tmp_path / "v2.json", 20)
+    args = SftDataArguments(data_cache_dir=str(tmp_path / "cache"), squad_v2_file=str(v2), validation_split_percentage=20.0)
+    data, report = prepare_sft_data(args, tokenizer)
+    calibration = data["calibration"]
+    held_out = set(calibration["title"])
+    trained_text = " ".join(tokenizer.decode(ids) for ids in data["train"]["input_ids"])
+    assert held_out and all(f"Town{title[7:]}x" not in trained_text for title in held_out)  # no held-out article trained on
+    assert report["squad_v2"]["calibration_questions"] == len(calibration) == 6 * len(held_out)
+    assert {bool(answers) for answers in calibration["answers"]} == {True, False}

@@ -27,10 +27,12 @@ import numpy as np
 import torch
 
 from data.cleaning import clean_text
-from data.files import DataError, SkipCounter, read_records
+from data.files import DataError, SkipCounter, is_text, read_records
 from data.hub import HUB_SOURCES
 from data.instruction_sources import squad_rows
-from data.prompt_format import ASSISTANT_PREFIX, NO_ANSWER_REPLY, USER_PREFIX, reading_comprehension_message, squad_layout_of
+from data.prompt_format import (
+    ASSISTANT_PREFIX, NO_ANSWER_REPLY, USER_PREFIX, reading_comprehension_message, squad_instruction_of, squad_layout_of,
+)
 from models.gpt2 import chunked_lm_loss
 from trm.generation import SamplingSettings, fit_history, generate_reply
 from trm.grounded import (
@@ -121,7 +123,8 @@ def squad_questions(path: str, limit: int | None, source: str = "squad") -> list
     """Questions of a SQuAD file, or of `source`'s evaluation split on the Hub (`path` = hub)."""
     rows = []
     for row in squad_rows(path, SkipCounter(), source, split=HUB_SOURCES[source].eval_split):
-        if row.get("context") and row.get("question"):
+        if isinstance(row.get("context"), str) and isinstance(row.get("question"), str) and row["context"] and row["question"] \
+                and is_text(row["context"]) and is_text(row["question"]):
             rows.append({"id": row.get("id"), "title": row.get("title", ""), "context": row["context"], "question": row["question"],
                          "answers": [a["text"] for a in row.get("answers") or [] if isinstance(a, dict) and a.get("text")]})
         if limit is not None and len(rows) >= limit:
@@ -142,12 +145,15 @@ def best_f1(prediction: str, references: list[str]) -> float:
     return max((squad_f1(prediction, reference) for reference in references), default=float(not prediction))
 
 
-def free_squad_answer(model, tokenizer, row: dict, max_new_tokens: int) -> str | None:
-    layout = squad_layout_of(model)
-    passage = fit_to_context(row["context"], row["question"], tokenizer, max_new_tokens, int(model.config.n_positions), layout)
+def free_squad_answer(model, tokenizer, row: dict, max_new_tokens: int, may_abstain: bool = True) -> str | None:
+    """A generated answer; `may_abstain` says whether the question may lack an answer (v2.0), which the prompt
+    then says too, as in training."""
+    layout, instruction = squad_layout_of(model), squad_instruction_of(model, may_abstain)
+    passage = fit_to_context(row["context"], row["question"], tokenizer, max_new_tokens, int(model.config.n_positions), layout,
+                             instruction)
     if passage is None:
         return None
-    messages = [{"role": "user", "content": reading_comprehension_message(passage, row["question"], layout)}]
+    messages = [{"role": "user", "content": reading_comprehension_message(passage, row["question"], layout, instruction)}]
     settings = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
     return generate_reply(model, tokenizer, messages, settings)[0]
 
@@ -162,7 +168,7 @@ def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: s
         answers = grounded_squad_answers(model, tokenizer, rows, grounded or GroundedSettings())
         replies = [None if a is None else a.answer for a in answers]
     else:
-        replies = [free_squad_answer(model, tokenizer, row, max_new_tokens) for row in rows]
+        replies = [free_squad_answer(model, tokenizer, row, max_new_tokens, may_abstain=source == "squad_v2") for row in rows]
     predictions = ["" if reply is None or reply == NO_ANSWER_REPLY else reply for reply in replies]
     metric = evaluate.load(str(SQUAD_METRIC_DIR))
     scores = metric.compute(predictions=predictions, references=[row["answers"] for row in rows])
@@ -177,15 +183,21 @@ def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: s
 
 def calibrate_no_answer(model, tokenizer, path: str, limit: int | None, settings: GroundedSettings) -> dict:
     """Grounded answers on a SQuAD v2.0 file, then the no-answer threshold that maximises their F1."""
-    rows = squad_questions(path, limit, "squad_v2")
+    return calibrate_no_answer_on(model, tokenizer, squad_questions(path, limit, "squad_v2"), settings, path)
+
+
+def calibrate_no_answer_on(model, tokenizer, rows: list[dict], settings: GroundedSettings, name: str) -> dict:
+    """The no-answer threshold that maximises the grounded F1 of SQuAD v2.0 rows (`context`, `question`, `answers`)."""
     answers = grounded_squad_answers(model, tokenizer, rows, settings)
     scored = [(a, row) for a, row in zip(answers, rows) if a is not None]
     if not any(row["answers"] for _, row in scored) or all(row["answers"] for _, row in scored):
-        raise DataError(f"{path}: calibration needs answerable and unanswerable questions (a SQuAD v2.0 file).")
+        raise DataError(f"{name}: calibration needs answerable and unanswerable questions (SQuAD v2.0).")
     threshold, f1 = calibrate_no_answer_threshold(
         [a.margin for a, _ in scored], [best_f1(a.span, row["answers"]) for a, row in scored],
         [bool(row["answers"]) for _, row in scored])
-    return {"questions": len(scored), "no_answer_threshold": threshold, "f1_at_threshold": f1}
+    answered = sum(a.margin > threshold for a, _ in scored)
+    return {"questions": len(scored), "no_answer_threshold": threshold, "f1_at_threshold": f1,
+            "answered_share": 100.0 * answered / len(scored)}
 
 
 def instruction_evaluation(model, tokenizer, instructions: list[str], max_new_tokens: int = 128) -> dict:

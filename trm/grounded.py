@@ -31,7 +31,8 @@ import torch
 
 from data.files import DataError
 from data.prompt_format import (
-    DEFAULT_SQUAD_LAYOUT, NO_ANSWER_REPLY, PASSAGE_LABEL, generation_prompt, reading_comprehension_message, squad_layout_of,
+    ANSWER_INSTRUCTION, DEFAULT_SQUAD_LAYOUT, NO_ANSWER_REPLY, PASSAGE_LABEL, generation_prompt, reading_comprehension_message,
+    squad_instruction_of, squad_layout_of,
 )
 from data.sft import fit_passage
 
@@ -48,11 +49,14 @@ class GroundedSettings:
     no_answer_threshold: float = 0.0
     allow_no_answer: bool = True
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
     def save(self, model_dir: str | Path) -> Path:
         path = Path(model_dir) / GROUNDING_FILE
         tmp = path.with_suffix(".json.tmp")
         try:
-            tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+            tmp.write_text(self.to_json(), encoding="utf-8")
             tmp.replace(path)
         except OSError as error:
             raise DataError(f"cannot store the grounding settings in {path} ({error.strerror}); "
@@ -114,8 +118,8 @@ def _word_boundaries(tokens: list[str]) -> tuple[list[bool], list[bool]]:
 
 def _first_reply_token(model, prompt_ids: list[int]):
     """One forward pass over the prompt: the first reply token's log-probabilities and the filled KV cache."""
-    output = model(torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
-    return torch.log_softmax(output.logits[0, -1].float(), dim=-1), output.cache
+    output = model(torch.tensor([prompt_ids], device=model.device), use_cache=True, logits_to_keep=1)
+    return torch.log_softmax(output.logits[0, -1].float(), dim=-1).cpu(), output.cache
 
 
 def _ended_reply_scores(model, first, cache, prompt_length: int, rows: list[list[int]], eos: int) -> list[list[float]]:
@@ -126,7 +130,8 @@ def _ended_reply_scores(model, first, cache, prompt_length: int, rows: list[list
         batch[r, : len(row)] = torch.tensor(row)
     cache.batch_repeat_interleave(len(rows))
     attention_mask = torch.ones(len(rows), prompt_length + width, dtype=torch.long)  # padding only trails the rows
-    logprobs = torch.log_softmax(model(batch, attention_mask=attention_mask, cache=cache, use_cache=True).logits.float(), dim=-1)
+    output = model(batch.to(model.device), attention_mask=attention_mask.to(model.device), cache=cache, use_cache=True)
+    logprobs = torch.log_softmax(output.logits.float(), dim=-1).cpu()
     scores = []
     for r, row in enumerate(rows):
         cumulative, ended = float(first[row[0]]), []
@@ -141,8 +146,8 @@ def _ended_reply_scores(model, first, cache, prompt_length: int, rows: list[list
 @torch.no_grad()
 def answer_from_passage(model, tokenizer, passage: str, question: str, settings: GroundedSettings) -> GroundedAnswer:
     """The best-scoring passage span for the question (or the no-answer reply); the prompt must fit the context."""
-    layout = squad_layout_of(model)
-    prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, question, layout)}])
+    layout, instruction = squad_layout_of(model), squad_instruction_of(model, settings.allow_no_answer)
+    prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, question, layout, instruction)}])
     encoding = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)
     prompt_ids = encoding["input_ids"]
     if len(prompt_ids) + reply_budget(tokenizer, settings) > int(model.config.n_positions):
@@ -164,7 +169,7 @@ def answer_from_passage(model, tokenizer, passage: str, question: str, settings:
     if settings.prior_weight:
         # How likely each reply is after the passage alone: subtracting it removes the model's preference for
         # replies it likes whatever the question (surface-form competition), leaving what the question adds.
-        prior_prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, "", layout)}])
+        prior_prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, "", layout, instruction)}])
         prior_ids = tokenizer(prior_prompt, add_special_tokens=False)["input_ids"]
         prior_first, prior_cache = _first_reply_token(model, prior_ids)
         prior = _ended_reply_scores(model, prior_first, prior_cache, len(prior_ids), rows, eos)
@@ -184,11 +189,11 @@ def answer_from_passage(model, tokenizer, passage: str, question: str, settings:
 
 
 def fit_to_context(passage: str, question: str, tokenizer, reply_tokens: int, context: int,
-                   layout: str = DEFAULT_SQUAD_LAYOUT) -> str | None:
+                   layout: str = DEFAULT_SQUAD_LAYOUT, instruction: str = ANSWER_INSTRUCTION) -> str | None:
     """The passage cut from its start so that the prompt and a reply of `reply_tokens` fit the context; None if
     the question alone does not leave that room."""
     placeholder_reply = " ".join(["x"] * reply_tokens)
-    return fit_passage(passage, question, placeholder_reply, tokenizer, context, anchor=None, layout=layout)
+    return fit_passage(passage, question, placeholder_reply, tokenizer, context, anchor=None, layout=layout, instruction=instruction)
 
 
 def answer_from_passages(model, tokenizer, passages: list[str], question: str,
@@ -201,7 +206,8 @@ def answer_from_passages(model, tokenizer, passages: list[str], question: str,
     context = int(model.config.n_positions)
     best: tuple[int, GroundedAnswer] | None = None
     for position, passage in enumerate(passages):
-        fitted = fit_to_context(passage, question, tokenizer, reply_budget(tokenizer, settings), context, squad_layout_of(model))
+        fitted = fit_to_context(passage, question, tokenizer, reply_budget(tokenizer, settings), context, squad_layout_of(model),
+                                squad_instruction_of(model, settings.allow_no_answer))
         if fitted is None:
             return None
         answer = answer_from_passage(model, tokenizer, fitted, question, settings)

@@ -27,6 +27,7 @@ import json
 import math
 import re
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -88,27 +89,60 @@ def query_terms(question: str) -> list[str]:
     return list(words)
 
 
-class PassageIndex:
-    """An FTS5 passage index in one SQLite file (see the module docstring)."""
+EXPECTED_TABLES = {"passages": {"id", "digest", "source", "title", "text"}, "passage_sources": {"source", "passage_id"},
+                   "passage_search": {"title", "text"}, "sources": {"path", "size", "mtime_ns", "passages", "duplicates", "skipped"}}
 
-    def __init__(self, path: str | Path, create: bool = False):
+
+@contextmanager
+def index_errors(path: Path):
+    """SQLite's errors as one sentence saying what happened to the index and what to do."""
+    try:
+        yield
+    except sqlite3.DatabaseError as error:
+        text = str(error)
+        if "locked" in text or "busy" in text:
+            raise DataError(f"{path} is being written by another process (database is locked); wait for it to finish.") from None
+        if "full" in text:
+            raise DataError(f"{path}: the disk is full; free some space and run make index again (what was committed is kept).") from None
+        if "no such table" in text or "no such column" in text:
+            raise DataError(f"{path} was not built by this version of TRM ({text}); build a new index with make index.") from None
+        if "readonly" in text or "read-only" in text:
+            raise DataError(f"{path} cannot be written ({text}); check its permissions.") from None
+        raise DataError(f"{path} is damaged or not a passage index ({text}); delete it and build it again with make index.") from None
+
+
+class PassageIndex:
+    """An FTS5 passage index in one SQLite file (see the module docstring). `read_only` (questions: `make ask`, chat
+    `/ask`) opens it so that nothing can be written; another program's SQLite file is refused, never changed."""
+
+    def __init__(self, path: str | Path, create: bool = False, read_only: bool = False):
         require_fts5()
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise FileNotFoundError(f"no passage index at {self.path}; build one with make index CORPUS=...")
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.db = sqlite3.connect(str(self.path))
-            self.db.executescript(SCHEMA)
-        except sqlite3.DatabaseError as error:
-            raise DataError(f"{self.path} is not a passage index ({error}).") from None
+        with index_errors(self.path):
+            self.db = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro" if read_only else str(self.path), uri=read_only, timeout=5)
+            tables = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+            ours = {name for name in tables if name in EXPECTED_TABLES or name.startswith("passage_search_")}
+            if tables - ours or (read_only and set(EXPECTED_TABLES) - tables):
+                raise DataError(f"{self.path} is not a passage index (it holds the tables {', '.join(sorted(tables)) or 'none'}); "
+                                "give the file make index built.")
+            for table in set(EXPECTED_TABLES) & tables:
+                columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                if EXPECTED_TABLES[table] - columns:
+                    raise DataError(f"{self.path} was built by another version of TRM ({table} lacks "
+                                    f"{', '.join(sorted(EXPECTED_TABLES[table] - columns))}); build a new index with make index.")
+            if not read_only:
+                self.db.executescript(SCHEMA)
 
     def close(self) -> None:
         self.db.close()
 
     def __len__(self) -> int:
-        return self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
+        with index_errors(self.path):
+            return self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
 
     def add_passages(self, passages: Iterable[tuple[str, str]], source: str) -> tuple[int, int]:
         """Add (title, text) passages from `source`; returns (added, already indexed). Commits in batches."""
@@ -144,6 +178,11 @@ class PassageIndex:
     def add_records(self, source: str, version: tuple[int, int], read, tokenizer, text_column: str,
                     default_title: str) -> dict:
         """Index the records `read(skipped)` yields under `source`, unless that source is indexed at `version`."""
+        with index_errors(self.path):
+            return self._add_records(source, version, read, tokenizer, text_column, default_title)
+
+    def _add_records(self, source: str, version: tuple[int, int], read, tokenizer, text_column: str,
+                     default_title: str) -> dict:
         row = self.db.execute("SELECT size, mtime_ns FROM sources WHERE path = ?", (source,)).fetchone()
         if row == tuple(version):
             return {"source": source, "status": "unchanged, skipped"}
@@ -186,10 +225,11 @@ class PassageIndex:
         if not terms:
             return []
         match = " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
-        rows = self.db.execute(
-            f"SELECT p.id, p.title, p.text, p.source, bm25(passage_search, {TITLE_WEIGHT}, {TEXT_WEIGHT}) AS score "
-            "FROM passage_search JOIN passages p ON p.id = passage_search.rowid "
-            "WHERE passage_search MATCH ? ORDER BY score LIMIT ?", (match, k)).fetchall()
+        with index_errors(self.path):
+            rows = self.db.execute(
+                f"SELECT p.id, p.title, p.text, p.source, bm25(passage_search, {TITLE_WEIGHT}, {TEXT_WEIGHT}) AS score "
+                "FROM passage_search JOIN passages p ON p.id = passage_search.rowid "
+                "WHERE passage_search MATCH ? ORDER BY score LIMIT ?", (match, k)).fetchall()
         return [Passage(*row) for row in rows]
 
 

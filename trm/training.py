@@ -597,8 +597,9 @@ def plot_loss_curve(log_history: list[dict], path: str | Path, title: str) -> No
     os.replace(tmp, path)
 
 
-def save_final_model(trainer: Trainer, output_dir: str, card: ModelCard) -> None:
-    """Write the Hub-format model directory atomically (per file) into `output_dir`, from the main process only."""
+def save_final_model(trainer: Trainer, output_dir: str, card: ModelCard, extra_files: dict[str, str] | None = None) -> None:
+    """Write the Hub-format model directory atomically (per file) into `output_dir`, from the main process only;
+    `extra_files` (name -> text, e.g. grounding.json) go in with it, before the file that marks the model complete."""
     if not trainer.is_world_process_zero():
         return
     final = Path(output_dir)
@@ -608,9 +609,11 @@ def save_final_model(trainer: Trainer, output_dir: str, card: ModelCard) -> None
     trainer.save_model(str(staging))
     plot_loss_curve(trainer.state.log_history, staging / "loss_curve.png", card.data.model_name)
     write_card(card, staging / "README.md")
+    for name, text in (extra_files or {}).items():
+        (staging / name).write_text(text, encoding="utf-8")
     (staging / FINAL_LOG).write_text(json.dumps(trainer.state.log_history, indent=1))
     (staging / "training_args.bin").unlink(missing_ok=True)  # pickled; the recipe and log.csv say the same
-    for item in staging.iterdir():
+    for item in sorted(staging.iterdir(), key=lambda path: path.name == FINAL_LOG):  # the completion mark moves last
         os.replace(item, final / item.name)
     staging.rmdir()
 
