@@ -16,7 +16,7 @@ CORPUS        ?=
 NPROC         ?= 1
 TRAIN         := $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC),$(PY))
 
-.PHONY: venv test quickstart pretrain sft full-recipe eval generate chat serve index ask push export-gguf bench clean
+.PHONY: venv test test-all quickstart pretrain sft full-recipe eval generate chat serve index ask push export-gguf bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q
+
+test-all: venv
+	$(PY) -m pytest -q -m ""
 
 pretrain: venv
 	$(TRAIN) run_clm.py recipes/phase1_pretraining.yaml $(if $(HOURS),--train_hours $(HOURS)) $(ARGS)

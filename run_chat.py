@@ -79,6 +79,9 @@ def capped_passage(text: str, source: str) -> str:
 
 def stdin_lines():
     """Lines of standard input decoded strictly; None for a line that is not UTF-8 (the chat says so and goes on)."""
+    if not hasattr(sys.stdin, "buffer"):  # already text (a script or test handing in a stream)
+        yield from sys.stdin
+        return
     for raw in sys.stdin.buffer:
         try:
             yield raw.decode("utf-8")

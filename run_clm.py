@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     rules.check_random_init(model_args.model_name_or_path, model_args.config_name)
     rules.check_tokenizer(model_args.tokenizer_name)
     rules.check_epochs(PHASE, training_args.num_train_epochs)
-    model = build_model(model_args.config_name, seed=training_args.seed)
+    model = build_model(model_args.config_name, seed=training_args.seed, zero_init_projections=model_args.zero_init_projections)
     if model.config.n_positions < data_args.block_size:
         raise rules.RuleViolation(f"block_size {data_args.block_size} exceeds the model's context {model.config.n_positions}.")
     resume = claim_output_dir(training_args)

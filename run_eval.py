@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from data.files import DataError, read_text
+from data.files import DataError
 from trm.blimp import blimp_evaluation
 from trm.cli import run_main
 from trm.evaluation import (
@@ -136,7 +136,11 @@ def main(argv=None) -> dict:
     if args.instructions_file or not (args.text_file or args.prepared_dir or args.squad_file or args.squad_v2_file
                                       or args.calibrate_no_answer or args.blimp):
         path = Path(args.instructions_file or DEFAULT_INSTRUCTIONS)
-        instructions = [line.strip() for line in read_text(path).splitlines() if line.strip()]
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not valid UTF-8 at byte {error.start}.") from None
+        instructions = [line.strip() for line in text.splitlines() if line.strip()]
         if not instructions:
             raise DataError(f"{path} holds no instructions; write one per line.")
         result = instruction_evaluation(model, tokenizer, instructions[: args.limit], args.max_new_tokens)

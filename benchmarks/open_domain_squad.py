@@ -68,6 +68,25 @@ def rank_and_margin(per_question: list[dict], questions: int) -> dict:
     return {"exact": 100 * em / n, "f1": 100 * f1 / n, "weights": weights}
 
 
+THRESHOLDS = (-1e9, -16.0, -12.0, -8.0, -4.0, -2.0, 0.0)  # -1e9: always answer, from the top-ranked passage
+
+
+def run_ask_at_thresholds(per_question: list[dict], questions: int) -> dict:
+    """`run_ask`'s rule (the first passage in BM25 order whose margin passes the threshold, else abstain) at each
+    threshold: end-to-end EM / F1 and the share of questions answered."""
+    results = {}
+    for threshold in THRESHOLDS:
+        em = f1 = answered = 0.0
+        for q in per_question:
+            chosen = next((span for span, margin in zip(q["spans"], q["margins"]) if margin > threshold), "")
+            answered += bool(chosen)
+            em += max(exact_match(chosen, a) for a in q["answers"]) if chosen else 0.0
+            f1 += best_f1(chosen, q["answers"]) if chosen else 0.0
+        n = max(questions, 1)
+        results[f"{threshold:g}"] = {"exact": 100 * em / n, "f1": 100 * f1 / n, "answered": 100 * answered / n}
+    return results
+
+
 def index_squad_articles(index: PassageIndex, path: str, tokenizer) -> dict:
     document = load_json_document(path)
     stat = Path(path).stat()
@@ -126,13 +145,14 @@ def main() -> None:
             examples.append({"question": row["question"], "answers": row["answers"], "retrieved": [p.title for p in passages],
                              "gold_in_top_k": bool(gold & set(ids)), "replies": choices})
     combined = rank_and_margin(per_question, len(rows))
+    thresholds = run_ask_at_thresholds(per_question, len(rows))
     passages_indexed = len(index)
     index.close()
     n = len(rows)
     report = {"model": args.model_name_or_path, "questions": n, "passages_indexed": passages_indexed, "top_k": args.top_k,
               "recall@1": 100 * hits_1 / n, f"recall@{args.top_k}": 100 * hits_k / n, f"answer_recall@{args.top_k}": 100 * answer_hits / n,
               "end_to_end": {name: {"exact": 100 * em / n, "f1": 100 * f1 / n} for name, (em, f1) in totals.items()},
-              "run_ask_abstained": abstained, "rank_and_margin": combined,
+              "run_ask_abstained": abstained, "rank_and_margin": combined, "run_ask_at_thresholds": thresholds,
               "seconds_per_question": {"search": search_seconds / n, "answer": answer_seconds / n}, "examples": examples,
               "per_question": per_question}
     write_json_atomically(Path(args.report), report)
@@ -144,6 +164,9 @@ def main() -> None:
     print(f"  BM25 rank and margin combined (weight fitted on the other articles): EM {combined['exact']:.1f} "
           f"F1 {combined['f1']:.1f}; weights chosen {combined['weights']}")
     print(f"  run_ask abstained on {abstained} of {n} questions")
+    for threshold, scores in thresholds.items():
+        print(f"  run_ask at no-answer threshold {threshold}: EM {scores['exact']:.1f} F1 {scores['f1']:.1f}, "
+              f"{scores['answered']:.0f}% answered")
     print(f"report: {args.report}")
 
 

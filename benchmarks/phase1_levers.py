@@ -32,6 +32,14 @@ LEVERS = {
     "depth8": ["--config_name", "configs/gpt2-tiny-8layer.json"],
     "muon": ["--use_muon", "true"],
     "document_attention": ["--document_attention", "true"],
+    "depth10": ["--config_name", "configs/gpt2-tiny-10layer.json"],
+    "depth12": ["--config_name", "configs/gpt2-tiny-12layer.json"],
+    "wide384": ["--config_name", "configs/gpt2-wide-384.json"],
+    "decay_0.4": ["--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs", json.dumps({"num_decay_steps": 0.4})],
+    "decay_to_0.1": ["--lr_scheduler_type", "warmup_stable_decay",
+                     "--lr_scheduler_kwargs", json.dumps({"num_decay_steps": 0.2, "min_lr_ratio": 0.1})],
+    "zero_init_projections": ["--zero_init_projections", "true"],
+    "z_loss_1e-4": ["--z_loss_weight", "1e-4"],
 }
 
 

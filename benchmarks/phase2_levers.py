@@ -36,6 +36,10 @@ LEVERS = {
     "lr_1e-3": ["--learning_rate", "1e-3"],
     "prompt_weight_0.1": ["--prompt_loss_weight", "0.1"],
     "unanswerable_2000": ["--squad_v2_max_unanswerable", "2000"],  # about half of the shared v2.0 part's
+    "one_instruction": ["--squad_abstain_instruction", "false"],  # the recipe before v2.0 prompts said abstaining is allowed
+    "passage_conversations": ["--squad_group_by_passage", "true"],
+    "passage_conversations_prompt_0.1": ["--squad_group_by_passage", "true", "--prompt_loss_weight", "0.1"],
+    "passage_conversations_prompt_0.3": ["--squad_group_by_passage", "true", "--prompt_loss_weight", "0.3"],
 }
 
 

@@ -66,6 +66,7 @@ class SftDataArguments:
     max_seq_length: int = field(default=256, metadata={"help": "Tokens per example (the context length)."})
     squad_layout: str = field(default=DEFAULT_SQUAD_LAYOUT, metadata={"help": f"Reading-comprehension prompt layout: {' | '.join(SQUAD_LAYOUTS)}; stored with the model."})
     squad_v2_max_unanswerable: int | None = field(default=None, metadata={"help": "Training cap on SQuAD v2.0 questions without an answer (the held-out split keeps them all)."})
+    squad_group_by_passage: bool = field(default=False, metadata={"help": "One example per SQuAD passage: the passage once, then its questions as turns, loss on every answer (not yet measured at full length)."})
     squad_abstain_instruction: bool = field(default=True, metadata={"help": "SQuAD v2.0 prompts say the passage may not hold the answer (v1.1 prompts do not); stored with the model."})
     squad_v2_drop_v1_duplicates: bool = field(default=False, metadata={"help": "Leave out SQuAD v2.0 questions that SQuAD v1.1 also has (its answerable ones)."})
     calibration_max_questions: int = field(default=400, metadata={"help": "Held-out SQuAD v2.0 questions (articles never trained on) the no-answer threshold is calibrated on at the end of training; 0: none."})
@@ -159,6 +160,53 @@ def encode_conversation(conversation: Conversation, tokenizer, max_length: int, 
     return {"input_ids": ids, "labels": labels, "length": len(ids), "source": conversation.source}
 
 
+def _reply(conversation: Conversation) -> str:
+    return conversation.answers[0] if conversation.answers else NO_ANSWER_REPLY
+
+
+def encode_passage_questions(questions: list[Conversation], tokenizer, max_length: int, counts: SkipCounter,
+                             layout: str = DEFAULT_SQUAD_LAYOUT, abstain_instruction: bool = True) -> list[tuple[dict, int]]:
+    """The questions of one passage as few examples as the context allows: the passage once (windowed around the
+    first question's answer if it is too long), that question and its answer, then every other question whose
+    answer lies inside the window as a further turn (`Question: ...`), while the turns fit. The questions left
+    over start another example. Returns (row, questions in it) pairs; every answer stays inside its window."""
+    rows, pending = [], list(questions)
+    while pending:
+        first, rest = pending[0], pending[1:]
+        instruction = ABSTAIN_INSTRUCTION if abstain_instruction and first.source == "squad_v2" else ANSWER_INSTRUCTION
+        window = fit_passage(first.passage, first.question, _reply(first), tokenizer, max_length, first.answer_start, layout, instruction)
+        if window is None:
+            counts["dropped: question and answer alone exceed the context"] += 1
+            pending = rest
+            continue
+        start = first.passage.find(window)
+        messages = [{"role": "user", "content": reading_comprehension_message(window, first.question, layout, instruction)},
+                    {"role": "assistant", "content": _reply(first)}]
+        deferred = []
+        for other in rest:
+            inside = not other.answers or start <= other.answer_start <= other.answer_start + len(other.answers[0]) <= start + len(window)
+            turns = [{"role": "user", "content": f"Question: {other.question}"}, {"role": "assistant", "content": _reply(other)}]
+            if inside and len(encode_messages(messages + turns, tokenizer)[0]) <= max_length:
+                messages += turns
+            else:
+                deferred.append(other)
+        if window != first.passage:
+            counts["shortened: passage windowed around the answer"] += 1
+        ids, labels = encode_messages(messages, tokenizer)
+        rows.append(({"input_ids": ids, "labels": labels, "length": len(ids), "source": first.source}, len(messages) // 2))
+        pending = deferred
+    if len(rows) > 1:
+        counts["passage read again (answers far apart, or turns beyond the context)"] += len(rows) - 1
+    return rows
+
+
+def _by_passage(conversations: list[Conversation]) -> list[list[Conversation]]:
+    groups: dict[str, list[Conversation]] = {}
+    for conversation in conversations:
+        groups.setdefault(conversation.group, []).append(conversation)
+    return list(groups.values())
+
+
 def _split_key(conversation: Conversation, by_article: bool) -> str:
     return f"article:{conversation.article}" if by_article else conversation.group
 
@@ -249,20 +297,28 @@ def _prepare(args: SftDataArguments, tokenizer, seed: int) -> tuple[DatasetDict,
                 counts["left out: unanswerable beyond squad_v2_max_unanswerable"] += len(left_out)
                 train = [c for c in train if id(c) not in left_out]
         source_report = {"records": len(conversations)}
+        grouped = args.squad_group_by_passage and source in ("squad", "squad_v2")
         for split, items, limit in (("train", train, cap), ("validation", validation, args.validation_max_examples)):
-            # Encoded until the cap is reached, so examples dropped for length are replaced by others that fit.
-            rows = []
-            for conversation in items:
-                if limit is not None and len(rows) >= limit:
+            # Encoded until the cap (of questions) is reached, so examples dropped for length are replaced by others.
+            rows, questions = [], 0
+            for unit in (_by_passage(items) if grouped else items):
+                if limit is not None and questions >= limit:
                     break
-                if row := encode_conversation(conversation, tokenizer, args.max_seq_length, counts, args.squad_layout,
-                                              args.squad_abstain_instruction):
+                if grouped:
+                    encoded = encode_passage_questions(unit, tokenizer, args.max_seq_length, counts, args.squad_layout,
+                                                       args.squad_abstain_instruction)
+                else:
+                    row = encode_conversation(unit, tokenizer, args.max_seq_length, counts, args.squad_layout,
+                                              args.squad_abstain_instruction)
+                    encoded = [(row, 1)] if row else []
+                for row, asked in encoded:
                     rows.append(row)
+                    questions += asked
             if split == "train" and not rows:
                 raise DataError(f"{source}: none of its {len(items):,} training examples fits the {args.max_seq_length}-token "
                                 f"context ({counts.describe()}).")
             source_report[split] = {
-                "examples": len(rows),
+                "examples": len(rows), "questions": questions,
                 "tokens": sum(r["length"] for r in rows),
                 "label_tokens": sum(sum(t != IGNORE_INDEX for t in r["labels"]) for r in rows),
             }
@@ -288,12 +344,12 @@ def _prepare(args: SftDataArguments, tokenizer, seed: int) -> tuple[DatasetDict,
 
 
 def describe_mix(report: dict) -> str:
-    header = f"{'source':<12} {'records':>8} {'train ex':>9} {'train tok':>10} {'share':>6} {'val ex':>7}"
+    header = f"{'source':<12} {'records':>8} {'train ex':>9} {'questions':>9} {'train tok':>10} {'share':>6} {'val ex':>7}"
     total_tokens = sum(r["train"]["tokens"] for r in report.values()) or 1
     lines = ["Phase-2 mix:", header]
     for source, r in report.items():
         lines.append(
-            f"{source:<12} {r['records']:>8,} {r['train']['examples']:>9,} {r['train']['tokens']:>10,} "
+            f"{source:<12} {r['records']:>8,} {r['train']['examples']:>9,} {r['train'].get('questions', 0):>9,} {r['train']['tokens']:>10,} "
             f"{r['train']['tokens'] / total_tokens:>6.1%} {r['validation']['examples']:>7,}"
         )
         if r["skipped_or_changed"]:

@@ -33,8 +33,10 @@ IGNORE_INDEX = -100
 DEFAULT_LOSS_CHUNK_ROWS = 512
 
 
-def build_model(config_name: str | Path, seed: int | None = None) -> GPT2LMHeadModel:
-    """A randomly initialised GPT-2 of the shape in `config_name` (a GPT2Config JSON file)."""
+def build_model(config_name: str | Path, seed: int | None = None, zero_init_projections: bool = False) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 of the shape in `config_name` (a GPT2Config JSON file); `zero_init_projections`
+    starts every block's attention and MLP output projection at zero (each block begins as the identity), as
+    modded-nanogpt does. The model stays a plain `GPT2LMHeadModel`: only its starting values differ."""
     path = Path(config_name)
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} not found; pick one of configs/*.json.")
@@ -42,7 +44,13 @@ def build_model(config_name: str | Path, seed: int | None = None) -> GPT2LMHeadM
     config.n_ctx = config.n_positions  # saved with the model: llama.cpp's GGUF converter reads the context as n_ctx
     if seed is not None:
         torch.manual_seed(seed)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    if zero_init_projections:
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_proj.weight.zero_()
+                block.mlp.c_proj.weight.zero_()
+    return model
 
 
 def parameter_counts(model: GPT2LMHeadModel) -> dict[str, int]:
@@ -68,7 +76,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, row_weights, normaliser, chunk_rows, compute_grads, product_dtype):
+    def forward(ctx, hidden, weight, targets, row_weights, normaliser, chunk_rows, compute_grads, product_dtype, z_loss_weight):
         with torch.autocast(hidden.device.type, enabled=False):
             hidden32, weight32 = hidden.float(), weight.float()
             hidden_p, weight_p = hidden32.to(product_dtype), weight32.to(product_dtype)
@@ -93,12 +101,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 logits = product if in_fp32 else logits_buffer[:size].view(vocab, -1).t().copy_(product)
                 exp_logits = logits.sub_(max_logits).exp_()
                 sum_exp = exp_logits.sum(dim=1, keepdim=True)
-                loss_sum += ((sum_exp.log() + max_logits - target_logits) * row_weights[rows, None]).sum()
+                log_normaliser = sum_exp.log() + max_logits
+                loss_sum += ((log_normaliser - target_logits + z_loss_weight * log_normaliser ** 2) * row_weights[rows, None]).sum()
                 if compute_grads:
-                    # d(loss)/d(logits) = (exp_logits / sum_exp - one_hot(target)) * scale. Both terms are
-                    # applied on the narrow side of each product (rows of `h`, of `grad_hidden`, of `weight`),
-                    # so the chunk x vocabulary matrix is never rewritten for them.
-                    row_scale = scale / sum_exp
+                    # d(loss)/d(logits) = (exp_logits / sum_exp - one_hot(target)) * scale, the softmax term
+                    # times (1 + 2 z log Z) with z-loss. Both terms are applied on the narrow side of each
+                    # product (rows of `h`, of `grad_hidden`, of `weight`), so the chunk x vocabulary matrix is
+                    # never rewritten for them.
+                    row_scale = scale * (1 + 2 * z_loss_weight * log_normaliser) / sum_exp
                     probs = exp_logits if in_fp32 else product.copy_(exp_logits)
                     grad_hidden[rows] = torch.mm(probs, weight_p)
                     grad_hidden[rows].mul_(row_scale).sub_(weight32[chunk_targets] * scale)
@@ -115,7 +125,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None, None, None
 
 
 def chunked_lm_loss(
@@ -127,11 +137,13 @@ def chunked_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
     prompt_loss_weight: float = 0.0,
+    z_loss_weight: float = 0.0,
 ) -> torch.Tensor:
     """The causal-LM loss of `model(input_ids, labels=labels)`, without materialising the full logits.
 
     `prompt_loss_weight` > 0 also learns the unlabelled, unpadded positions (phase-2 prompts) at that weight,
-    still normalised by the labelled tokens, so the reply loss keeps its scale. `model` may be wrapped
+    still normalised by the labelled tokens, so the reply loss keeps its scale. `z_loss_weight` adds
+    z x (log of the softmax normaliser)^2 per token (PaLM's z-loss), which keeps the logits from drifting. `model` may be wrapped
     (DistributedDataParallel, as `.module`): its forward is called through the wrapper, so the wrapper's
     gradient synchronisation sees the call.
     """
@@ -161,4 +173,5 @@ def chunked_lm_loss(
     device = hidden.device.type
     in_bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
     product_dtype = torch.bfloat16 if in_bf16 else torch.float32
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, row_weights, normaliser, chunk_rows, compute_grads, product_dtype)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, row_weights, normaliser, chunk_rows, compute_grads, product_dtype,
+                                            float(z_loss_weight))

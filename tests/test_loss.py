@@ -169,3 +169,43 @@ def test_a_prompt_loss_weight_adds_the_weighted_prompt_loss_and_skips_padding(ch
         assert torch.allclose(parameter.grad, expected_grads[name], atol=1e-6, rtol=1e-4), name
     unweighted = chunked_lm_loss(model, input_ids, labels, attention_mask=mask, chunk_rows=chunk_rows)
     assert unweighted.item() == pytest.approx((stock_sum(labels) / replies).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 4096])
+def test_z_loss_adds_the_squared_log_normaliser_with_its_exact_gradient(chunk_rows):
+    model = _model()
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, 50257, (2, 30))
+    labels = input_ids.clone()
+    labels[1, :10] = -100
+    z = 0.01  # large enough for the term to matter in the gradients
+
+    model.zero_grad()
+    logits = model(input_ids=input_ids).logits[:, :-1].reshape(-1, 50257)
+    targets = labels[:, 1:].reshape(-1)
+    kept = targets != -100
+    log_z = torch.logsumexp(logits[kept], dim=-1)
+    reference = torch.nn.functional.cross_entropy(logits[kept], targets[kept]) + z * (log_z ** 2).mean()
+    reference.backward()
+    reference_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    fast = chunked_lm_loss(model, input_ids, labels, chunk_rows=chunk_rows, z_loss_weight=z)
+    fast.backward()
+    assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-5)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, reference_grads[name], atol=1e-6, rtol=1e-4), name
+    assert chunked_lm_loss(model, input_ids, labels, z_loss_weight=0.0) < fast  # z-loss only adds
+
+
+def test_zero_initialised_projections_start_each_block_as_the_identity_and_stay_a_plain_gpt2(tmp_path):
+    model = build_model("configs/gpt2-tiny.json", seed=0, zero_init_projections=True)
+    assert type(model) is GPT2LMHeadModel
+    for block in model.transformer.h:
+        assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+        assert block.attn.c_attn.weight.any()  # only the output projections start at zero
+    ids = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        embedded = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(16))[None]
+        hidden = model.transformer(ids, output_hidden_states=True).hidden_states
+    assert torch.allclose(hidden[-2], embedded, atol=1e-6)  # every block adds nothing yet: the residual stream is the input

@@ -299,3 +299,45 @@ def test_squad_is_held_out_by_article_and_held_out_v2_questions_are_kept_for_cal
     assert held_out and all(f"Town{title[7:]}x" not in trained_text for title in held_out)  # no held-out article trained on
     assert report["squad_v2"]["calibration_questions"] == len(calibration) == 6 * len(held_out)
     assert {bool(answers) for answers in calibration["answers"]} == {True, False}
+
+
+def test_a_passage_and_its_questions_become_one_example_with_every_answer_labelled(tmp_path, tokenizer):
+    from data.instruction_sources import Conversation
+    from data.sft import encode_passage_questions
+
+    passage = "Rollo led the Normans. They settled in Normandy in 911. Their language was Norman French."
+    asked = [("Who led the Normans?", "Rollo"), ("When did they settle?", "911"), ("Who ruled the Franks?", None),
+             ("What was their language?", "Norman French")]
+    questions = [Conversation("squad_v2", "p", passage=passage, question=q, answers=[a] if a else [],
+                              answer_start=passage.index(a) if a else None) for q, a in asked]
+    counts = SkipCounter()
+    [(row, count)] = encode_passage_questions(questions, tokenizer, 256, counts)
+    text = tokenizer.decode(row["input_ids"])
+    assert count == 4 and text.count("Passage: ") == 1 and text.count(passage) == 1
+    labelled = tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX])
+    assert labelled == f" Rollo<|endoftext|> 911<|endoftext|> {NO_ANSWER_REPLY}<|endoftext|> Norman French<|endoftext|>"
+    assert "User: Question: When did they settle?\nAssistant: 911" in text
+
+    long_passage = PASSAGE * 12 + passage  # too long for 128 tokens: windows around answers far apart
+    far = [Conversation("squad", "p", passage=long_passage, question=q, answers=[a], answer_start=long_passage.index(a))
+           for q, a in (("Who led the Normans?", "Rollo"), ("What was their language?", "Norman French"))]
+    far.append(Conversation("squad", "p", passage=long_passage, question="What came first?", answers=["The Normans"],
+                            answer_start=0))
+    counts = SkipCounter()
+    rows = encode_passage_questions(far, tokenizer, 128, counts)
+    assert sum(count for _, count in rows) == 3 and all(len(row["input_ids"]) <= 128 for row, _ in rows)
+    for row, _ in rows:  # no answer is ever cut: each labelled answer is in its window
+        text = tokenizer.decode(row["input_ids"])
+        window = text[text.index("Passage: "):]
+        for answer in tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX]).split("<|endoftext|>")[:-1]:
+            assert answer.strip() in window.split("\nAssistant:")[0]
+    assert counts["passage read again (answers far apart, or turns beyond the context)"] == len(rows) - 1 >= 1
+
+
+def test_grouped_squad_counts_questions_against_the_cap(tmp_path, tokenizer):
+    v2 = _squad_articles(tmp_path / "v2.json", 10)
+    args = SftDataArguments(data_cache_dir=str(tmp_path / "cache"), squad_v2_file=str(v2), validation_split_percentage=20.0,
+                            squad_group_by_passage=True, squad_v2_max_examples=20)
+    _, report = prepare_sft_data(args, tokenizer)
+    train = report["squad_v2"]["train"]
+    assert train["questions"] >= 20 and train["questions"] == 2 * train["examples"]  # two questions per passage

@@ -80,6 +80,8 @@ class ModelArguments:
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (autocast, fp32 weights); auto times both here."})
     use_muon: bool = field(default=False, metadata={"help": "torch.optim.Muon for the blocks' 2-D matrices, AdamW for the rest."})
     prompt_loss_weight: float = field(default=0.0, metadata={"help": "Phase 2: weight of the prompt tokens' loss in training (0: replies only)."})
+    z_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the z-loss (log-normaliser squared) in training, e.g. 1e-4; evaluation reports plain cross-entropy."})
+    zero_init_projections: bool = field(default=False, metadata={"help": "Phase 1: start each block's output projections (attention and MLP) at zero."})
     document_attention: bool = field(default=False, metadata={"help": "Phase 1: attention and positions restart at each <|endoftext|> in a packed block."})
     max_train_minutes: float | None = field(default=None, metadata={"help": "Stop after this much training time: evaluate, save, finish the model (the schedule still plans the whole run; see train_hours)."})
     train_hours: float | None = field(default=None, metadata={"help": "Time budget of the whole run: its first steps measure this machine's speed, then the run (warmup-stable-decay included) is planned to end within it, never beyond the epoch cap."})
@@ -99,13 +101,16 @@ class TrmTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # the loss below is normalised by `num_items_in_batch` when given
 
-    def __init__(self, *args, loss_chunk_rows: int = 256, use_muon: bool = False, prompt_loss_weight: float = 0.0, **kwargs):
+    def __init__(self, *args, loss_chunk_rows: int = 256, use_muon: bool = False, prompt_loss_weight: float = 0.0,
+                 z_loss_weight: float = 0.0, **kwargs):
         if prompt_loss_weight < 0:
             raise RecipeError(f"prompt_loss_weight must be 0 or more, got {prompt_loss_weight}.")
         if prompt_loss_weight and loss_chunk_rows <= 0:
             raise RecipeError("prompt_loss_weight needs the chunked loss; set loss_chunk_rows above 0.")
+        if z_loss_weight < 0 or (z_loss_weight and loss_chunk_rows <= 0):
+            raise RecipeError(f"z_loss_weight must be 0 or more and needs the chunked loss (loss_chunk_rows above 0), got {z_loss_weight}.")
         super().__init__(*args, **kwargs)
-        self.use_muon, self.prompt_loss_weight = use_muon, prompt_loss_weight
+        self.use_muon, self.prompt_loss_weight, self.z_loss_weight = use_muon, prompt_loss_weight, z_loss_weight
         use_fused_gelu(self.accelerator.unwrap_model(self.model))
         # Both losses here shift labels by one. Trainer infers this from `config.loss_type`, which a freshly
         # built GPT2Config leaves unset; it would then count position 0 in `num_items_in_batch` and
@@ -182,6 +187,7 @@ class TrmTrainer(Trainer):
                 num_items_in_batch=num_items_in_batch,
                 chunk_rows=self.loss_chunk_rows,
                 prompt_loss_weight=self.prompt_loss_weight if model.training else 0.0,  # evaluation: replies only
+                z_loss_weight=self.z_loss_weight if model.training else 0.0,
             )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # `num_items_in_batch` counts the label tokens of every process, and gradients are averaged over
@@ -710,6 +716,7 @@ def train_and_evaluate(
         loss_chunk_rows=model_args.loss_chunk_rows,
         use_muon=model_args.use_muon,
         prompt_loss_weight=model_args.prompt_loss_weight,
+        z_loss_weight=model_args.z_loss_weight,
     )
     trainer_ref.append(trainer)
     if resume and checkpoint_ends_the_run(resume, training_args):
