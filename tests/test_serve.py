@@ -178,10 +178,14 @@ def test_malformed_requests_get_400_and_a_sentence(bounded, body, words):
     assert _status(answer) == 400 and words in json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["message"]
 
 
-def test_the_hostile_input_probe_holds_against_the_server(bounded):
-    port, _ = bounded
-    results = run_probe(port, max_connections=4)
-    assert all(r["held"] == r["tried"] for r in results.values()), results
+def test_the_hostile_input_probe_holds_against_the_server(model_dir):
+    httpd, _ = _start(model_dir, ServerLimits(socket_timeout_s=1.0, max_connections=4))
+    try:
+        results = run_probe(httpd.server_address[1], max_connections=4)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert {name: r for name, r in results.items() if r["held"] < r["tried"]} == {}
 
 
 def test_a_tiny_temperature_answers_greedily(bounded):
@@ -284,3 +288,19 @@ def test_the_openai_client_gets_the_same_reply_streamed_and_unstreamed(talking_s
     assert response.headers["Content-Type"] == "text/event-stream" and events[-2:] == ["data: [DONE]", ""]
     with pytest.raises(openai.BadRequestError, match="context_length_exceeded|context of 64"):
         client.completions.create(model="trm-test", prompt="word " * 100, max_tokens=10)
+
+
+def test_beyond_loopback_the_page_works_under_any_name_and_other_origins_stay_out(model_dir):
+    model, tokenizer = load_model(model_dir)
+    httpd = make_server(ChatService(model, tokenizer, "trm-test"), "0.0.0.0", 0, api_key="k")
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        lan = f"192.168.7.7:{port}"
+        key = {"Authorization": "Bearer k", "Host": lan}
+        assert _status(_raw(port, _request(port, headers={**key, "Origin": f"http://{lan}"}))) == 200
+        assert _status(_raw(port, _request(port, headers={**key, "Origin": "http://attacker.example"}))) == 403
+        assert _status(_raw(port, _request(port, headers={"Host": lan}))) == 401
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -357,3 +357,21 @@ def test_kill_9_mid_run_then_resume_finishes_the_run(tmp_path, wiki_jsonl, tiny_
     state = json.loads((output_dir / "checkpoint-60" / "trainer_state.json").read_text())
     assert state["global_step"] == 60 and metrics["epoch"] > 0
     assert (output_dir / "model.safetensors").is_file() and not list(output_dir.glob(".tmp-final-*"))
+
+
+def test_the_loss_curve_is_redrawn_at_every_evaluation(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    from trm.training import LossCurveCallback
+
+    state = TrainerState()
+    state.global_step = 20
+    state.log_history = [{"step": 10, "loss": 7.0, "num_input_tokens_seen": 1000},
+                         {"step": 20, "eval_loss": 6.5, "num_input_tokens_seen": 2000}]
+    (tmp_path / "run").mkdir()
+    LossCurveCallback(tmp_path / "run" / "loss_curve.png").on_evaluate(None, state, TrainerControl())
+    first = (tmp_path / "run" / "loss_curve.png").read_bytes()
+    assert first.startswith(b"\x89PNG")
+    state.log_history.append({"step": 30, "eval_loss": 6.0, "num_input_tokens_seen": 3000})
+    LossCurveCallback(tmp_path / "run" / "loss_curve.png").on_evaluate(None, state, TrainerControl())
+    assert (tmp_path / "run" / "loss_curve.png").read_bytes() != first

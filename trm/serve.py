@@ -296,12 +296,13 @@ class AccessPolicy:
             return True  # bound to every interface: any name may reach it, so the API key is what protects it
         return any(header in (name, f"{name}:{self.port}") for name in names)
 
-    def own_origins(self) -> set[str]:
-        names = LOOPBACK_NAMES if is_loopback(self.host) or self.host in ("0.0.0.0", "::") else (self.host,)
-        return {f"http://{name}:{self.port}" for name in names if name != "::1"}
+    @staticmethod
+    def same_origin(origin: str | None, host_header: str | None) -> bool:
+        """The chat page's own requests: their Origin is the address (Host) the page was served from."""
+        return origin is None or (host_header is not None and origin == f"http://{host_header}")
 
-    def origin_allowed(self, origin: str | None) -> bool:
-        return origin is None or origin in self.own_origins() or origin in self.allowed_origins or "*" in self.allowed_origins
+    def origin_allowed(self, origin: str | None, host_header: str | None) -> bool:
+        return self.same_origin(origin, host_header) or origin in self.allowed_origins or "*" in self.allowed_origins
 
 
 def make_handler(service: ChatService, policy: AccessPolicy) -> type[BaseHTTPRequestHandler]:
@@ -313,8 +314,8 @@ def make_handler(service: ChatService, policy: AccessPolicy) -> type[BaseHTTPReq
 
         def _cors_headers(self) -> dict:
             headers = getattr(self, "headers", None)
-            origin = headers.get("Origin") if headers else None
-            if origin and origin not in policy.own_origins() and policy.origin_allowed(origin):
+            origin, host = (headers.get("Origin"), headers.get("Host")) if headers else (None, None)
+            if not policy.same_origin(origin, host) and policy.origin_allowed(origin, host):
                 return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
             return {}
 
@@ -341,7 +342,7 @@ def make_handler(service: ChatService, policy: AccessPolicy) -> type[BaseHTTPReq
             if not policy.host_allowed(self.headers.get("Host")):
                 self._error(HTTPStatus.FORBIDDEN, "this server answers only requests addressed to its own host name.", "forbidden_host", close=True)
                 return False
-            if not policy.origin_allowed(self.headers.get("Origin")):
+            if not policy.origin_allowed(self.headers.get("Origin"), self.headers.get("Host")):
                 self._error(HTTPStatus.FORBIDDEN, "requests from this web page's origin are not allowed (see --allowed_origins).",
                             "forbidden_origin", close=True)
                 return False

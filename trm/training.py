@@ -237,6 +237,17 @@ class TrmTrainer(Trainer):
                 callback.training_bar.set_postfix(tok_s=f"{tokens_per_second:,.0f}", refresh=False)
 
 
+class LossCurveCallback(TrainerCallback):
+    """Redraws `<output_dir>/loss_curve.png` at every evaluation, so a 4-8 hour run shows its curve as it goes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_loss_curve(state.log_history, self.path, f"{self.path.parent.name} (step {state.global_step})")
+
+
 class CsvLogCallback(TrainerCallback):
     """Appends every log record to `<output_dir>/log.csv` (one row per record, columns grow as needed)."""
 
@@ -631,6 +642,7 @@ def build_callbacks(output_dir: str, tokenizer, model_args: ModelArguments, earl
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     callbacks: list[TrainerCallback] = [
         CsvLogCallback(Path(output_dir) / "log.csv"),
+        LossCurveCallback(Path(output_dir) / "loss_curve.png"),
         SampleGenerationCallback(tokenizer, model_args.sample_prompts, model_args.sample_max_new_tokens, Path(output_dir) / "samples.jsonl"),
         GracefulInterruptCallback(),
     ]
