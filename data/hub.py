@@ -7,7 +7,7 @@ Design decisions:
   export of it (revision `refs/convert/parquet`, columns `dialog`, `act`, `emotion`) is loaded instead.
 - Failures are classified from what `datasets` and `huggingface_hub` raise: a repository that does not exist
   (or is private or gated), a loading-script repository, a split that is missing, or a Hub that cannot be
-  reached. Only the last sends the user to local files.
+  reached. Only the last speaks of being offline; each names the local-file alternative.
 - `first_row` opens a source in streaming mode, so a preflight reads one row of each source in seconds
   instead of downloading it.
 """
