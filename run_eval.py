@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="SQuAD answers generated freely, as passage spans (trm/grounded.py), or both side by side")
     parser.add_argument("--calibrate_no_answer", metavar="SQUAD_V2_FILE",
                         help="calibrate grounded decoding's no-answer threshold on this file and store it with the model")
+    parser.add_argument("--calibration_min_no_answer", type=float, default=None,
+                        help="calibrate for abstaining on at least this share of the unanswerable questions (e.g. 0.7, what "
+                             "phase 2 stores) and answering as much as possible otherwise; default: the F1-optimal threshold")
     parser.add_argument("--no_answer_threshold", type=float, default=None,
                         help="override the stored threshold of grounded decoding")
     parser.add_argument("--prior_weight", type=float, default=None,
@@ -111,7 +114,8 @@ def main(argv=None) -> dict:
 
     if args.calibrate_no_answer:
         settings = GroundedSettings.for_model(args.model_name_or_path, prior_weight=args.prior_weight)
-        calibration = calibrate_no_answer(model, tokenizer, args.calibrate_no_answer, args.limit, settings)
+        calibration = calibrate_no_answer(model, tokenizer, args.calibrate_no_answer, args.limit, settings,
+                                          args.calibration_min_no_answer)
         settings.no_answer_threshold = calibration["no_answer_threshold"]
         stored = settings.save(args.model_name_or_path)
         report["calibration"] = {**calibration, "file": args.calibrate_no_answer, "stored_in": str(stored)}

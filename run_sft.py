@@ -49,7 +49,7 @@ def load_phase1_model(path: str | None):
     return from_pretrained(AutoModelForCausalLM, folder)
 
 
-def calibrated_grounding(trainer, tokenizer, datasets_, metrics: dict) -> dict[str, str]:
+def calibrated_grounding(trainer, tokenizer, datasets_, data_args: SftDataArguments, metrics: dict) -> dict[str, str]:
     """The no-answer threshold calibrated on held-out SQuAD v2.0 questions (articles never trained on), as the
     model's `grounding.json`: `make ask`, chat and `make serve` answer at that operating point out of the box."""
     if "calibration" not in datasets_ or not trainer.is_world_process_zero():
@@ -57,13 +57,15 @@ def calibrated_grounding(trainer, tokenizer, datasets_, metrics: dict) -> dict[s
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     rows = [dict(row) for row in datasets_["calibration"]]
     try:
-        calibration = calibrate_no_answer_on(model, tokenizer, rows, GroundedSettings(), "the held-out SQuAD v2.0 questions")
+        calibration = calibrate_no_answer_on(model, tokenizer, rows, GroundedSettings(), "the held-out SQuAD v2.0 questions",
+                                             data_args.calibration_min_no_answer)
     except DataError as error:
         logger.warning("no-answer threshold not calibrated: %s", error)
         return {}
     metrics.update({f"calibration_{key}": value for key, value in calibration.items()})
-    logger.info("no-answer threshold %.3f, calibrated on %d held-out SQuAD v2.0 questions: grounded F1 %.1f there, %.0f%% answered",
-                calibration["no_answer_threshold"], calibration["questions"], calibration["f1_at_threshold"], calibration["answered_share"])
+    logger.info("no-answer threshold %.3f, calibrated on %d held-out SQuAD v2.0 questions: grounded F1 %.1f there, %.0f%% of the "
+                "unanswerable ones abstained on, %.0f%% of all answered", calibration["no_answer_threshold"], calibration["questions"],
+                calibration["f1_at_threshold"], calibration["no_answer_share"], calibration["answered_share"])
     settings = GroundedSettings(no_answer_threshold=calibration["no_answer_threshold"])
     return {GROUNDING_FILE: settings.to_json()}
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     rules.check_no_retrieval_settings({**vars(model_args), **vars(data_args)})
     rules.check_tokenizer(model_args.tokenizer_name)
     rules.check_epochs(PHASE, training_args.num_train_epochs)
+    if data_args.calibration_min_no_answer is not None and not 0 <= data_args.calibration_min_no_answer <= 1:
+        raise RecipeError(f"calibration_min_no_answer must be between 0 and 1, got {data_args.calibration_min_no_answer}.")
     if model_args.document_attention:
         raise RecipeError("document_attention is for phase 1's packed blocks; phase-2 examples never share a row.")
     model = load_phase1_model(model_args.model_name_or_path)
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         held_out = validation.filter(lambda row: row["source"] == source).remove_columns(["source"])
         if len(held_out):
             metrics.update(trainer.evaluate(eval_dataset=held_out, metric_key_prefix=f"eval_{source}"))
-    grounding = calibrated_grounding(trainer, tokenizer, datasets_, metrics)
+    grounding = calibrated_grounding(trainer, tokenizer, datasets_, data_args, metrics)
     mix = ", ".join(f"{s} {r['train']['examples']:,}" for s, r in report.items())
     phase1_datasets, phase1_unknown = base_model_datasets(model_args.model_name_or_path)
     tuned_on = [HUB_SOURCES[source].name for source in report if source in HUB_SOURCES]
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
             **({"no-answer threshold (grounding.json)": (
                 f"{metrics['calibration_no_answer_threshold']:.3f}, calibrated on {metrics['calibration_questions']} held-out "
                 f"SQuAD v2.0 questions (F1 {metrics['calibration_f1_at_threshold']:.1f}, "
-                f"{metrics['calibration_answered_share']:.0f}% answered)")} if grounding else {}),
+                f"{metrics['calibration_no_answer_share']:.0f}% of the unanswerable abstained on, "
+                f"{metrics['calibration_answered_share']:.0f}% of all answered)")} if grounding else {}),
         },
         datasets=list(dict.fromkeys(phase1_datasets + tuned_on)), unknown_sources=phase1_unknown or "chat" in report,
         results=[EvalResult(task_type="text-generation", dataset_type="trm-phase2-mix", dataset_name=f"held-out examples ({mix})",

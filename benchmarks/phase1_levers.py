@@ -40,6 +40,7 @@ LEVERS = {
                      "--lr_scheduler_kwargs", json.dumps({"num_decay_steps": 0.2, "min_lr_ratio": 0.1})],
     "zero_init_projections": ["--zero_init_projections", "true"],
     "z_loss_1e-4": ["--z_loss_weight", "1e-4"],
+    "ema_0.999": ["--ema_decay", "0.999"],
 }
 
 

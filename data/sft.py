@@ -69,6 +69,7 @@ class SftDataArguments:
     squad_group_by_passage: bool = field(default=False, metadata={"help": "One example per SQuAD passage: the passage once, then its questions as turns, loss on every answer (not yet measured at full length)."})
     squad_abstain_instruction: bool = field(default=True, metadata={"help": "SQuAD v2.0 prompts say the passage may not hold the answer (v1.1 prompts do not); stored with the model."})
     squad_v2_drop_v1_duplicates: bool = field(default=False, metadata={"help": "Leave out SQuAD v2.0 questions that SQuAD v1.1 also has (its answerable ones)."})
+    calibration_min_no_answer: float | None = field(default=0.7, metadata={"help": "The stored no-answer threshold abstains on at least this share of the held-out unanswerable questions and answers as much as it can otherwise; null: the threshold that maximises SQuAD v2.0 F1 (for a weak model: abstain almost always)."})
     calibration_max_questions: int = field(default=400, metadata={"help": "Held-out SQuAD v2.0 questions (articles never trained on) the no-answer threshold is calibrated on at the end of training; 0: none."})
     data_cache_dir: str = field(default="cache/data", metadata={"help": "Where prepared datasets are kept."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Prepare again even if a cached copy exists."})
@@ -250,7 +251,7 @@ def preflight_sft_sources(args: SftDataArguments) -> None:
 
 def prepared_data_path(args: SftDataArguments, seed: int) -> Path:
     """Where the prepared examples of these settings are (or will be) kept."""
-    settings = {k: v for k, v in asdict(args).items() if k not in ("data_cache_dir", "overwrite_cache")}
+    settings = {k: v for k, v in asdict(args).items() if k not in ("data_cache_dir", "overwrite_cache", "calibration_min_no_answer")}
     paths = [path for path in configured_sources(args).values() if path != "hub"]
     return Path(args.data_cache_dir) / f"phase2-{fingerprint(PIPELINE_VERSION, settings, paths, seed)}"
 

@@ -199,7 +199,8 @@ def test_phase2_calibrates_its_no_answer_threshold_on_held_out_squad_v2_articles
                             data_cache_dir=str(tmp_path / "cache"))
     rows = [dict(row) for row in prepare_sft_data(args, load_tokenizer(model_max_length=128))[0]["calibration"]]
     model, tokenizer = load_model(output_dir)
-    again = calibrate_no_answer_on(model, tokenizer, rows, GroundedSettings(), "held out")
+    again = calibrate_no_answer_on(model, tokenizer, rows, GroundedSettings(), "held out", min_no_answer=0.7)
+    assert again["no_answer_share"] >= 70.0  # the operating point phase 2 stores
     assert again["no_answer_threshold"] == pytest.approx(stored.no_answer_threshold, abs=1e-4)
     assert "no-answer threshold (grounding.json)" in (output_dir / "README.md").read_text()
 
@@ -375,3 +376,20 @@ def test_the_loss_curve_is_redrawn_at_every_evaluation(tmp_path):
     state.log_history.append({"step": 30, "eval_loss": 6.0, "num_input_tokens_seen": 3000})
     LossCurveCallback(tmp_path / "run" / "loss_curve.png").on_evaluate(None, state, TrainerControl())
     assert (tmp_path / "run" / "loss_curve.png").read_bytes() != first
+
+
+def test_an_exponential_moving_average_is_evaluated_checkpointed_and_saved_as_the_model(tmp_path, wiki_jsonl, tiny_config_path):
+    from safetensors.torch import load_file
+
+    recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path, max_steps=10, eval_steps=5, save_steps=5, eval_on_start=False)
+    metrics = run_clm.main([str(recipe), "--ema_decay", "0.8"])
+    output_dir = tmp_path / "phase1"
+    average = load_file(output_dir / "checkpoint-10" / "ema.safetensors")
+    final, raw = load_file(output_dir / "model.safetensors"), load_file(output_dir / "checkpoint-10" / "model.safetensors")
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert torch.equal(final[name], average[name]) and not torch.equal(final[name], raw[name])
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    assert type(model).__name__ == "GPT2LMHeadModel"  # the average is a plain GPT-2's weights
+    assert (output_dir / "checkpoint-5" / "ema.safetensors").is_file() and metrics["eval_loss"] > 0
+    with pytest.raises(RecipeError, match="ema_decay must be between 0 and 1"):
+        run_clm.main([str(recipe), "--ema_decay", "1.5", "--output_dir", str(tmp_path / "other")])

@@ -181,23 +181,29 @@ def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: s
             "answered_f1": 100.0 * sum(answered) / len(answered) if answered else None, "examples": examples}
 
 
-def calibrate_no_answer(model, tokenizer, path: str, limit: int | None, settings: GroundedSettings) -> dict:
-    """Grounded answers on a SQuAD v2.0 file, then the no-answer threshold that maximises their F1."""
-    return calibrate_no_answer_on(model, tokenizer, squad_questions(path, limit, "squad_v2"), settings, path)
+def calibrate_no_answer(model, tokenizer, path: str, limit: int | None, settings: GroundedSettings,
+                        min_no_answer: float | None = None) -> dict:
+    """Grounded answers on a SQuAD v2.0 file, then the no-answer threshold for them (`calibrate_no_answer_on`)."""
+    return calibrate_no_answer_on(model, tokenizer, squad_questions(path, limit, "squad_v2"), settings, path, min_no_answer)
 
 
-def calibrate_no_answer_on(model, tokenizer, rows: list[dict], settings: GroundedSettings, name: str) -> dict:
-    """The no-answer threshold that maximises the grounded F1 of SQuAD v2.0 rows (`context`, `question`, `answers`)."""
+def calibrate_no_answer_on(model, tokenizer, rows: list[dict], settings: GroundedSettings, name: str,
+                           min_no_answer: float | None = None) -> dict:
+    """The no-answer threshold that maximises the grounded F1 of SQuAD v2.0 rows (`context`, `question`, `answers`),
+    or, with `min_no_answer`, the one that answers most while abstaining on that share of the unanswerable ones."""
     answers = grounded_squad_answers(model, tokenizer, rows, settings)
     scored = [(a, row) for a, row in zip(answers, rows) if a is not None]
     if not any(row["answers"] for _, row in scored) or all(row["answers"] for _, row in scored):
         raise DataError(f"{name}: calibration needs answerable and unanswerable questions (SQuAD v2.0).")
-    threshold, f1 = calibrate_no_answer_threshold(
+    threshold, _ = calibrate_no_answer_threshold(
         [a.margin for a, _ in scored], [best_f1(a.span, row["answers"]) for a, row in scored],
-        [bool(row["answers"]) for _, row in scored])
-    answered = sum(a.margin > threshold for a, _ in scored)
-    return {"questions": len(scored), "no_answer_threshold": threshold, "f1_at_threshold": f1,
-            "answered_share": 100.0 * answered / len(scored)}
+        [bool(row["answers"]) for _, row in scored], min_no_answer)
+    answered = [a.margin > threshold for a, _ in scored]
+    f1 = [best_f1(a.span, row["answers"]) if ok else float(not row["answers"]) for ok, (a, row) in zip(answered, scored)]
+    unanswerable = [ok for ok, (_, row) in zip(answered, scored) if not row["answers"]]
+    return {"questions": len(scored), "no_answer_threshold": threshold, "f1_at_threshold": 100.0 * sum(f1) / len(scored),
+            "no_answer_share": 100.0 * unanswerable.count(False) / len(unanswerable),
+            "answered_share": 100.0 * sum(answered) / len(scored), "min_no_answer": min_no_answer}
 
 
 def instruction_evaluation(model, tokenizer, instructions: list[str], max_new_tokens: int = 128) -> dict:

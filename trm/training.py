@@ -45,6 +45,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class ModelArguments:
     use_muon: bool = field(default=False, metadata={"help": "torch.optim.Muon for the blocks' 2-D matrices, AdamW for the rest."})
     prompt_loss_weight: float = field(default=0.0, metadata={"help": "Phase 2: weight of the prompt tokens' loss in training (0: replies only)."})
     z_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the z-loss (log-normaliser squared) in training, e.g. 1e-4; evaluation reports plain cross-entropy."})
+    ema_decay: float | None = field(default=None, metadata={"help": "Keep an exponential moving average of the weights (e.g. 0.999): evaluations and the final model use it."})
     zero_init_projections: bool = field(default=False, metadata={"help": "Phase 1: start each block's output projections (attention and MLP) at zero."})
     document_attention: bool = field(default=False, metadata={"help": "Phase 1: attention and positions restart at each <|endoftext|> in a packed block."})
     max_train_minutes: float | None = field(default=None, metadata={"help": "Stop after this much training time: evaluate, save, finish the model (the schedule still plans the whole run; see train_hours)."})
@@ -92,6 +94,8 @@ class ModelArguments:
     def __post_init__(self):
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise RecipeError(f"max_train_minutes must be above 0, got {self.max_train_minutes}.")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise RecipeError(f"ema_decay must be between 0 and 1, got {self.ema_decay}.")
         if self.train_hours is not None and self.train_hours <= 0:
             raise RecipeError(f"train_hours must be above 0, got {self.train_hours}.")
 
@@ -139,8 +143,12 @@ class TrmTrainer(Trainer):
 
     def evaluate(self, *args, **kwargs):
         started = time.perf_counter()
+        average = next((c for c in self.callback_handler.callbacks if isinstance(c, WeightAverage)), None)
         try:
-            return super().evaluate(*args, **kwargs)
+            if average is None:
+                return super().evaluate(*args, **kwargs)
+            with average.swapped_in(self.accelerator.unwrap_model(self.model)):
+                return super().evaluate(*args, **kwargs)
         finally:
             self.eval_seconds += time.perf_counter() - started
             self.evaluations += 1
@@ -235,6 +243,72 @@ class TrmTrainer(Trainer):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
                 callback.training_bar.set_postfix(tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+
+
+class WeightAverage(TrainerCallback):
+    """`ema_decay`: an exponential moving average of the trainable weights (fp32), updated after every optimizer step,
+    saved with each checkpoint (`ema.safetensors`, so `--resume` continues it), swapped in for every evaluation, and
+    written as the final model (from the best checkpoint's average with load_best_model_at_end). The model stays a
+    plain GPT2LMHeadModel: only the values saved differ."""
+
+    FILE = "ema.safetensors"
+
+    def __init__(self, decay: float, resume: str | None):
+        self.decay, self.resume, self.shadow = decay, resume, {}
+
+    def _parameters(self, model) -> dict:
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        saved = Path(self.resume or "") / self.FILE
+        if self.resume and saved.is_file():
+            from safetensors.torch import load_file
+
+            self.shadow = load_file(str(saved))
+        else:
+            self.shadow = {name: p.detach().float().clone() for name, p in self._parameters(model).items()}
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        for name, parameter in self._parameters(model).items():
+            self.shadow[name].lerp_(parameter.detach().float(), 1 - self.decay)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.shadow:
+            from safetensors.torch import save_file
+
+            save_file(self.shadow, str(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}" / self.FILE))
+
+    @contextmanager
+    def swapped_in(self, model):
+        """The averaged weights in `model` for the duration of the block (nothing to swap before training began)."""
+        parameters = self._parameters(model)
+        if not self.shadow or set(self.shadow) != set(parameters):
+            yield
+            return
+        kept = {name: p.detach().clone() for name, p in parameters.items()}
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, parameter in parameters.items():
+                    parameter.copy_(kept[name])
+
+    @torch.no_grad()
+    def install(self, model, best_checkpoint: str | None) -> None:
+        """Make the average the model's weights for good: the final evaluation and save see it."""
+        if best_checkpoint and (Path(best_checkpoint) / self.FILE).is_file():
+            from safetensors.torch import load_file
+
+            self.shadow = load_file(str(Path(best_checkpoint) / self.FILE))
+        if not self.shadow:  # finished from a checkpoint saved without an average: nothing to install
+            return
+        for name, parameter in self._parameters(model).items():
+            parameter.copy_(self.shadow[name])
+        self.shadow = {}  # evaluations from here on use the model as it is
 
 
 class LossCurveCallback(TrainerCallback):
@@ -636,7 +710,7 @@ def save_final_model(trainer: Trainer, output_dir: str, card: ModelCard, extra_f
 
 
 def build_callbacks(output_dir: str, tokenizer, model_args: ModelArguments, early_stopping: bool,
-                    trainer_ref: list | None = None) -> list[TrainerCallback]:
+                    trainer_ref: list | None = None, resume: str | None = None) -> list[TrainerCallback]:
     from transformers import EarlyStoppingCallback
 
     Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -650,6 +724,8 @@ def build_callbacks(output_dir: str, tokenizer, model_args: ModelArguments, earl
         callbacks.append(TimeBudgetCallback(model_args.max_train_minutes))
     if model_args.train_hours is not None:
         callbacks.append(TrainingTimePlan(model_args.train_hours, output_dir, trainer_ref))
+    if model_args.ema_decay is not None:
+        callbacks.append(WeightAverage(model_args.ema_decay, resume))
     if early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=model_args.early_stopping_patience))
     return callbacks
@@ -724,7 +800,7 @@ def train_and_evaluate(
         data_collator=data_collator,
         processing_class=tokenizer,
         callbacks=build_callbacks(training_args.output_dir, tokenizer, model_args, early_stopping=training_args.load_best_model_at_end,
-                                  trainer_ref=trainer_ref),
+                                  trainer_ref=trainer_ref, resume=resume),
         loss_chunk_rows=model_args.loss_chunk_rows,
         use_muon=model_args.use_muon,
         prompt_loss_weight=model_args.prompt_loss_weight,
@@ -735,6 +811,11 @@ def train_and_evaluate(
         train_metrics = finish_from_last_checkpoint(trainer, resume)
     else:
         train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    average = next((c for c in trainer.callback_handler.callbacks if isinstance(c, WeightAverage)), None)
+    if average is not None:
+        best = trainer.state.best_model_checkpoint if training_args.load_best_model_at_end else None
+        last = Path(training_args.output_dir) / f"{CHECKPOINT_PREFIX}{trainer.state.global_step}"
+        average.install(trainer.accelerator.unwrap_model(trainer.model), best or (str(last) if not average.shadow else None))
     metrics = {**train_metrics, **trainer.evaluate()}
     metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
     metrics["examples_per_step"] = examples_per_step
