@@ -1,6 +1,7 @@
 """End-to-end runs of both phases on a tiny model: learning, saving, reloading, resuming, refusing."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -230,9 +231,9 @@ def test_a_time_budget_ends_the_run_evaluated_saved_and_finished(tmp_path, wiki_
 def test_train_hours_plans_the_run_to_end_decayed_and_saved_within_its_budget(tmp_path, wiki_jsonl, tiny_config_path):
     import csv
 
-    budget_hours = 5 / 3600  # five seconds: far less than the 3 epochs (288 steps) the recipe allows
+    budget_hours = 3 / 3600  # three seconds: far less than the 3 epochs (576 steps, ~7 s on a quiet 2-core machine)
     recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path, max_steps=-1, num_train_epochs=3, eval_on_start=False,
-                            per_device_train_batch_size=2,
+                            per_device_train_batch_size=1,
                             eval_steps=1000, save_steps=1000, logging_steps=1, lr_scheduler_type="warmup_stable_decay",
                             lr_scheduler_kwargs={"num_decay_steps": 0.2}, warmup_steps=0.02)
     metrics = run_clm.main([str(recipe), "--train_hours", str(budget_hours)])
@@ -242,7 +243,9 @@ def test_train_hours_plans_the_run_to_end_decayed_and_saved_within_its_budget(tm
     steps = [r for r in history if "loss" in r]
     assert steps[-1]["step"] == plan["max_steps"] and metrics["epoch"] < 3  # the budget, not the epoch cap, ended it
     rates = [r["learning_rate"] for r in steps]
-    assert max(rates) == pytest.approx(1e-2, rel=0.05) and rates[-1] < 0.1 * max(rates)  # decayed by the last step
+    decay = math.ceil(0.2 * plan["max_steps"])  # the planned decay: the rate falls to the last step
+    assert max(rates) <= 1.01e-2 and rates[-1] < 0.5 * max(rates)
+    assert rates[-decay:] == sorted(rates[-decay:], reverse=True) and rates[-1] <= 1.01 * max(rates) / decay
     # The plan fits the budget at the pace measured here; the real time follows it (loosely: a shared CI machine's pace
     # can change after the plan is fixed, at the start of the decay).
     assert plan["max_steps"] * plan["seconds_per_step"] <= 3600 * budget_hours

@@ -180,6 +180,7 @@ class TrmTrainer(Trainer):
         self.lr_scheduler.lr_lambdas = fresh.lr_lambdas
         for group, base_lr, rate in zip(self.optimizer.param_groups, self.lr_scheduler.base_lrs, fresh.lr_lambdas):
             group["lr"] = base_lr * rate(self.lr_scheduler.last_epoch)  # the next step follows the new plan at once
+        self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # and the logged rate says so
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_chunk_rows <= 0 or return_outputs:
@@ -437,6 +438,7 @@ class TrainingTimePlan(TrainerCallback):
     def __init__(self, hours: float, output_dir: str, trainer_ref: list):
         self.budget_s, self.path, self.trainer_ref = 3600.0 * hours, Path(output_dir) / "time_plan.json", trainer_ref
         self.started, self.first_step, self.cap, self.fixed, self.reported = time.perf_counter(), 0, 0, False, False
+        self.clock: tuple[float, int, float] | None = None  # (time, step, evaluation seconds) after the first step
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started, self.first_step, self.cap = time.perf_counter(), state.global_step, state.max_steps
@@ -455,15 +457,20 @@ class TrainingTimePlan(TrainerCallback):
         return state.global_step >= state.max_steps - decay_steps
 
     def on_step_end(self, args, state, control, **kwargs):
-        done = state.global_step - self.first_step
-        if self.fixed or done < max(3, min(20, self.cap // 50)):
+        trainer = self.trainer_ref[0]
+        if self.clock is None:  # the pace is measured from the end of the first step, which carries one-time costs
+            self.clock = (time.perf_counter(), state.global_step, trainer.eval_seconds)
+            return
+        clock_time, clock_step, clock_eval = self.clock
+        done = state.global_step - clock_step
+        if self.fixed or done < max(3, min(20, self.cap // 100)):
             return
         if self._decay_started(state):
             self.fixed = True
             return
-        trainer = self.trainer_ref[0]
-        elapsed = time.perf_counter() - self.started
-        pace = (elapsed - trainer.eval_seconds) / done
+        now = time.perf_counter()
+        elapsed = now - self.started
+        pace = (now - clock_time - (trainer.eval_seconds - clock_eval)) / done
         if trainer.evaluations:
             eval_each = trainer.eval_seconds / trainer.evaluations
         else:  # not measured yet: a forward pass over the validation split, about a third of a training step per example
