@@ -117,9 +117,13 @@ def fit_passage(passage: str, question: str, reply: str, tokenizer, max_length: 
     return None
 
 
+def _reply(conversation: Conversation) -> str:
+    return conversation.answers[0] if conversation.answers else NO_ANSWER_REPLY
+
+
 def _reply_and_passage(conversation: Conversation, tokenizer, max_length: int, counts: SkipCounter, layout: str,
                        abstain_instruction: bool) -> list[dict] | None:
-    reply = conversation.answers[0] if conversation.answers else NO_ANSWER_REPLY
+    reply = _reply(conversation)
     instruction = ABSTAIN_INSTRUCTION if abstain_instruction and conversation.source == "squad_v2" else ANSWER_INSTRUCTION
     passage = fit_passage(conversation.passage, conversation.question, reply, tokenizer, max_length, conversation.answer_start,
                           layout, instruction)
@@ -159,10 +163,6 @@ def encode_conversation(conversation: Conversation, tokenizer, max_length: int, 
         return None
     ids, labels = fitted
     return {"input_ids": ids, "labels": labels, "length": len(ids), "source": conversation.source}
-
-
-def _reply(conversation: Conversation) -> str:
-    return conversation.answers[0] if conversation.answers else NO_ANSWER_REPLY
 
 
 def encode_passage_questions(questions: list[Conversation], tokenizer, max_length: int, counts: SkipCounter,

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from data.files import is_text
 from data.prompt_format import generation_prompt, validate_messages
 from trm.generation import SamplingSettings, context_length, fit_history, generate_text
 
@@ -176,7 +177,7 @@ class ChatService:
             raise RequestError("the request body must be a JSON object with a 'messages' list.")
         for position, message in enumerate(request["messages"]):
             content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str) and not _is_text(content):
+            if isinstance(content, str) and not is_text(content):
                 raise RequestError(f"messages: message {position} holds a lone surrogate (\\ud800-\\udfff), not text.")
         try:
             messages = validate_messages(request["messages"])
@@ -206,7 +207,7 @@ class ChatService:
         """A `/v1/completions` request: plain text continued as it is (no chat format), as phase 1 models are used."""
         if not isinstance(request, dict) or not isinstance(request.get("prompt"), str) or not request["prompt"]:
             raise RequestError("the request body must be a JSON object with a non-empty 'prompt' string.")
-        if not _is_text(request["prompt"]):
+        if not is_text(request["prompt"]):
             raise RequestError("prompt holds a lone surrogate (\\ud800-\\udfff), not text.")
         settings = self._settings(request)
         length = len(self.tokenizer(request["prompt"])["input_ids"])
@@ -250,19 +251,6 @@ class ChatService:
             kind, prefix = "text_completion", "cmpl"
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": self.model_name,
                 "choices": [choice], "usage": self.usage(job, text, ended), **job["extra"]}
-
-    def complete(self, request, connection: socket.socket | None = None) -> dict:
-        """A chat completion, unstreamed (the chat page and tests use this directly)."""
-        job = self.prepare_chat(request)
-        return self.response(job, *self.generate(job, connection))
-
-
-def _is_text(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _include_usage(request: dict) -> bool:

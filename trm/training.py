@@ -437,11 +437,11 @@ class TrainingTimePlan(TrainerCallback):
 
     def __init__(self, hours: float, output_dir: str, trainer_ref: list):
         self.budget_s, self.path, self.trainer_ref = 3600.0 * hours, Path(output_dir) / "time_plan.json", trainer_ref
-        self.started, self.first_step, self.cap, self.fixed, self.reported = time.perf_counter(), 0, 0, False, False
+        self.started, self.cap, self.fixed, self.reported = time.perf_counter(), 0, False, False
         self.clock: tuple[float, int, float] | None = None  # (time, step, evaluation seconds) after the first step
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started, self.first_step, self.cap = time.perf_counter(), state.global_step, state.max_steps
+        self.started, self.cap = time.perf_counter(), state.max_steps
         if self.path.is_file():  # a resumed run goes on with the plan it was given
             self._apply(state, min(self.cap, json.loads(self.path.read_text(encoding="utf-8"))["max_steps"]))
             self.fixed = True
