@@ -68,6 +68,13 @@ def test_muon_trains_the_hidden_matrices_and_adamw_the_rest_under_the_trainers_s
     assert optimizer.muon.param_groups[0]["lr"] == optimizer.adamw.param_groups[0]["lr"] < 1e-2
 
 
+@pytest.mark.parametrize("optim, fused", [("adamw_torch_fused", True), ("adamw_torch", None)])
+def test_the_adamw_half_of_muon_follows_the_recipes_optim(tmp_path, optim, fused):
+    trainer = _trainer(tmp_path / "run", _model(), max_steps=2, optim=optim)
+    trainer.train()
+    assert trainer.optimizer.optimizer.adamw.defaults["fused"] is fused
+
+
 def test_a_muon_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path):
     whole = _trainer(tmp_path / "whole", _model(), max_steps=4)
     whole.train()
