@@ -24,6 +24,7 @@ from trm.evaluation import calibrate_no_answer_on
 from trm.generation import from_pretrained
 from trm.grounded import GROUNDING_FILE, GroundedSettings
 from trm.recipe import RecipeError, parse_recipe
+from trm.time_budget import fill_phase2_budget
 from trm.training import (
     ModelArguments, default_generation_config, claim_output_dir, save_final_model, settle_precision,
     train_and_evaluate,
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise RecipeError(f"calibration_min_no_answer must be between 0 and 1, got {data_args.calibration_min_no_answer}.")
     if model_args.document_attention:
         raise RecipeError("document_attention is for phase 1's packed blocks; phase-2 examples never share a row.")
+    if data_args.fill_train_hours and (model_args.train_hours is None or training_args.max_steps > 0):
+        raise RecipeError("fill_train_hours sizes phase 2's data to its time budget over num_train_epochs: set train_hours "
+                          "(make sft HOURS=H) and leave max_steps unset.")
     model = load_phase1_model(model_args.model_name_or_path)
     resume = claim_output_dir(training_args)
     precision = settle_precision(model_args, training_args, model, data_args.max_seq_length)
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise rules.RuleViolation(f"max_seq_length {data_args.max_seq_length} exceeds the model's context {model.config.n_positions}.")
     with training_args.main_process_first(desc="data preparation"):  # once; the other processes read its cache
         datasets_, report = prepare_sft_data(data_args, tokenizer, seed=training_args.seed)
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+    if data_args.fill_train_hours:
+        datasets_, report = fill_phase2_budget(model, datasets_, report, data_args, model_args.train_hours, training_args,
+                                               precision.dtype == "bf16", resume, collator)
     logger.info("%s", describe_mix(report))
     model.generation_config = default_generation_config(tokenizer)
     model.config.squad_layout = data_args.squad_layout  # evaluation and chat lay passages out as the model learned
@@ -97,8 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     counts = parameter_counts(model)
     validation = datasets_["validation"].remove_columns(["length"])
     trainer, metrics = train_and_evaluate(
-        PHASE, model, tokenizer, training_args, model_args, datasets_["train"].remove_columns(["source"]),
-        validation.remove_columns(["source"]), DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt"), resume,
+        PHASE, model, tokenizer, training_args, model_args, datasets_["train"].select_columns(["input_ids", "labels", "length"]),
+        validation.remove_columns(["source"]), collator, resume,
     )
     for source in report:  # which sources the model learned, not only the mix's average
         held_out = validation.filter(lambda row: row["source"] == source).remove_columns(["source"])

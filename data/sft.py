@@ -18,6 +18,9 @@ Design decisions:
   filled with examples that fit the context); the defaults keep the 10x larger SQuAD from swamping
   DailyDialog and Alpaca. A source left with no example that fits is an error naming the reason. The
   final mix (examples, tokens, label tokens per source) is returned for the run to print.
+- `fill_train_hours` prepares every source uncapped once, each training row marked with the questions before it
+  in its source's seeded order; `within_caps` then keeps exactly the rows a capped preparation would keep, for
+  whatever caps the time budget affords (`trm.time_budget`), without preparing again.
 - Prepared once per settings (`data.cache`, like phase 1); before preparing, every source is opened and its
   first record read (`preflight_sft_sources`), so a broken source stops the run in seconds.
 """
@@ -43,7 +46,7 @@ from data.prompt_format import (
 
 logger = logging.getLogger(__name__)
 SOURCES = ("alpaca", "squad", "squad_v2", "dailydialog", "chat")
-PIPELINE_VERSION = 2  # bump when a change alters the prepared examples
+PIPELINE_VERSION = 3  # bump when a change alters the prepared examples
 IGNORE_INDEX = -100
 
 
@@ -70,6 +73,7 @@ class SftDataArguments:
     squad_abstain_instruction: bool = field(default=True, metadata={"help": "SQuAD v2.0 prompts say the passage may not hold the answer (v1.1 prompts do not); stored with the model."})
     squad_v2_drop_v1_duplicates: bool = field(default=False, metadata={"help": "Leave out SQuAD v2.0 questions that SQuAD v1.1 also has (its answerable ones)."})
     calibration_min_no_answer: float | None = field(default=0.7, metadata={"help": "The stored no-answer threshold abstains on at least this share of the held-out unanswerable questions and answers as much as it can otherwise; null: the threshold that maximises SQuAD v2.0 F1 (for a weak model: abstain almost always)."})
+    fill_train_hours: bool = field(default=False, metadata={"help": "With train_hours: raise every source's cap by one common factor (never past what a source has) until the epochs fill the time budget, at a pace measured on this machine before training; the caps are kept for --resume."})
     calibration_max_questions: int = field(default=400, metadata={"help": "Held-out SQuAD v2.0 questions (articles never trained on) the no-answer threshold is calibrated on at the end of training; 0: none."})
     data_cache_dir: str = field(default="cache/data", metadata={"help": "Where prepared datasets are kept."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Prepare again even if a cached copy exists."})
@@ -249,9 +253,16 @@ def preflight_sft_sources(args: SftDataArguments) -> None:
         raise DataError("\n".join(problems))
 
 
+def training_caps(args: SftDataArguments) -> dict[str, int | None]:
+    """Each configured source's cap on training examples (questions, for SQuAD); None = all of it."""
+    return {source: getattr(args, f"{source}_max_examples") for source in configured_sources(args)}
+
+
 def prepared_data_path(args: SftDataArguments, seed: int) -> Path:
     """Where the prepared examples of these settings are (or will be) kept."""
     settings = {k: v for k, v in asdict(args).items() if k not in ("data_cache_dir", "overwrite_cache", "calibration_min_no_answer")}
+    if args.fill_train_hours:  # one uncapped preparation serves every budget
+        settings.update({f"{source}_max_examples": None for source in SOURCES})
     paths = [path for path in configured_sources(args).values() if path != "hub"]
     return Path(args.data_cache_dir) / f"phase2-{fingerprint(PIPELINE_VERSION, settings, paths, seed)}"
 
@@ -290,7 +301,7 @@ def _prepare(args: SftDataArguments, tokenizer, seed: int) -> tuple[DatasetDict,
         if not conversations:
             raise DataError(f"{source}: no usable examples in {path} (skipped: {counts.describe()}).")
         train, validation = _split_groups(conversations, args)
-        cap = getattr(args, f"{source}_max_examples")
+        cap = None if args.fill_train_hours else getattr(args, f"{source}_max_examples")
         rng.shuffle(train)
         if source == "squad_v2" and args.squad_v2_max_unanswerable is not None:
             left_out = {id(c) for c in [c for c in train if not c.answers][args.squad_v2_max_unanswerable:]}
@@ -312,8 +323,9 @@ def _prepare(args: SftDataArguments, tokenizer, seed: int) -> tuple[DatasetDict,
                     row = encode_conversation(unit, tokenizer, args.max_seq_length, counts, args.squad_layout,
                                               args.squad_abstain_instruction)
                     encoded = [(row, 1)] if row else []
+                before = questions
                 for row, asked in encoded:
-                    rows.append(row)
+                    rows.append({**row, "questions": asked, "questions_before": before} if split == "train" else row)
                     questions += asked
             if split == "train" and not rows:
                 raise DataError(f"{source}: none of its {len(items):,} training examples fits the {args.max_seq_length}-token "
@@ -342,6 +354,24 @@ def _prepare(args: SftDataArguments, tokenizer, seed: int) -> tuple[DatasetDict,
         **({"calibration": concatenate_datasets(splits["calibration"])} if splits["calibration"] else {}),
     )
     return datasets_, report
+
+
+def within_caps(datasets_: DatasetDict, report: dict, caps: dict[str, int | None]) -> tuple[DatasetDict, dict]:
+    """The training rows a preparation with these caps keeps (a unit is kept when the questions before it in its
+    source's seeded order are below the cap), and the report recounted for them."""
+    train = datasets_["train"]
+    keep = [index for index, (source, before) in enumerate(zip(train["source"], train["questions_before"]))
+            if caps.get(source) is None or before < caps[source]]
+    train = train.select(keep)
+    report = {source: {**r, "train": {"examples": 0, "questions": 0, "tokens": 0, "label_tokens": 0}, "train_cap": caps.get(source)}
+              for source, r in report.items()}
+    for source, questions, length, labels in zip(train["source"], train["questions"], train["length"], train["labels"]):
+        counts = report[source]["train"]
+        counts["examples"] += 1
+        counts["questions"] += questions
+        counts["tokens"] += length
+        counts["label_tokens"] += sum(label != IGNORE_INDEX for label in labels)
+    return DatasetDict({**datasets_, "train": train}), report
 
 
 def describe_mix(report: dict) -> str:

@@ -341,3 +341,25 @@ def test_grouped_squad_counts_questions_against_the_cap(tmp_path, tokenizer):
     _, report = prepare_sft_data(args, tokenizer)
     train = report["squad_v2"]["train"]
     assert train["questions"] >= 20 and train["questions"] == 2 * train["examples"]  # two questions per passage
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_rows_kept_within_caps_are_those_a_capped_preparation_keeps(tmp_path, tokenizer, grouped):
+    """fill_train_hours prepares once uncapped; cutting that pool to any caps gives the capped preparation's rows."""
+    from data.sft import within_caps
+
+    v2 = _squad_articles(tmp_path / "v2.json", 12)
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"Task {i}.", "input": "", "output": f"Done {i}."} for i in range(40)]))
+    common = dict(squad_v2_file=str(v2), alpaca_file=str(alpaca), validation_split_percentage=10.0, squad_group_by_passage=grouped)
+    pool, pool_report = prepare_sft_data(SftDataArguments(data_cache_dir=str(tmp_path / "pool"), fill_train_hours=True, **common), tokenizer)
+    assert pool_report["squad_v2"]["train"]["questions"] > 7 and pool_report["alpaca"]["train"]["examples"] > 11
+    capped_args = SftDataArguments(data_cache_dir=str(tmp_path / "capped"), squad_v2_max_examples=7, alpaca_max_examples=11, **common)
+    capped, capped_report = prepare_sft_data(capped_args, tokenizer)
+    kept, kept_report = within_caps(pool, pool_report, {"squad_v2": 7, "alpaca": 11})
+    assert sorted(kept["train"]["input_ids"]) == sorted(capped["train"]["input_ids"])
+    assert sorted(kept["train"]["labels"]) == sorted(capped["train"]["labels"])
+    for source in ("squad_v2", "alpaca"):
+        assert kept_report[source]["train"] == capped_report[source]["train"]
+        assert kept_report[source]["train_cap"] == capped_report[source]["train_cap"]
+    assert kept["validation"]["input_ids"] == capped["validation"]["input_ids"]

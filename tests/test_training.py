@@ -170,6 +170,33 @@ def test_phase2_tunes_the_phase1_model_and_refuses_bad_configs(phase1_model, tmp
     assert str(tmp_path) not in card.content
 
 
+def test_phase2_fills_its_time_budget_with_more_of_every_source_and_says_so(tmp_path, tokenizer):
+    from conftest import TINY_CONFIG
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from data.sft import SftDataArguments, prepare_sft_data
+
+    model_dir = tmp_path / "phase1"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(**TINY_CONFIG)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = _sft_recipe(tmp_path, model_dir)
+    filled = [str(recipe), "--fill_train_hours", "true", "--alpaca_max_examples", "10", "--dailydialog_max_examples", "10"]
+    with pytest.raises(RecipeError, match="fill_train_hours"):
+        run_sft.main(filled + ["--max_steps", "-1"])  # no train_hours
+    with pytest.raises(RecipeError, match="max_steps"):
+        run_sft.main(filled + ["--train_hours", "0.02"])  # max_steps would decide the length, not the data
+    run_sft.main(filled + ["--train_hours", "0.02", "--max_steps", "-1", "--num_train_epochs", "1"])
+    plan = json.loads((tmp_path / "phase2" / "data_plan.json").read_text())
+    _, pool = prepare_sft_data(SftDataArguments(alpaca_file=str(tmp_path / "alpaca.json"), validation_split_percentage=10.0,
+                                                dailydialog_file=str(tmp_path / "dialogues_train.txt"), max_seq_length=64,
+                                                data_cache_dir=str(tmp_path / "cache"), fill_train_hours=True), tokenizer)
+    kept = {source: min(plan["caps"][source], pool[source]["train"]["examples"]) for source in ("alpaca", "dailydialog")}
+    assert all(n > 10 for n in kept.values()) and "training tokens/s measured here" in plan["account"]
+    card = (tmp_path / "phase2" / "README.md").read_text()
+    assert f"alpaca {kept['alpaca']:,}, dailydialog {kept['dailydialog']:,}" in card  # what was trained, not the recipe's caps
+
+
 def test_phase2_calibrates_its_no_answer_threshold_on_held_out_squad_v2_articles(tmp_path, tokenizer):
     from conftest import TINY_CONFIG
     from test_sft_data import _squad_articles

@@ -63,6 +63,7 @@ from trm.model_card import write_card
 from trm.optimizers import build_muon_with_adamw
 from trm.precision import PRECISIONS, PrecisionChoice, choose_precision, cpu_bf16_flags
 from trm.recipe import RecipeError
+from trm.time_budget import TimeBudgetCallback, TrainingTimePlan
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -404,102 +405,6 @@ class GracefulInterruptCallback(TrainerCallback):
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous = {}
-
-
-class TimeBudgetCallback(TrainerCallback):
-    """Stop after `minutes` of training in this process: evaluate, save a checkpoint, and let the run finish
-    its model as at the end of a run. Equal-time comparisons and bounded GPU leases use it."""
-
-    def __init__(self, minutes: float):
-        self.seconds = 60.0 * minutes
-        self.started = time.perf_counter()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self.started >= self.seconds:
-            logger.warning("max_train_minutes reached at step %d: evaluating, saving and stopping.", state.global_step)
-            control.should_evaluate = args.eval_strategy != "no"
-            control.should_save = True
-            control.should_training_stop = True
-
-
-class TrainingTimePlan(TrainerCallback):
-    """`train_hours`: the run measures its own pace here and plans its last step so that the whole run, its
-    evaluations included, ends within the budget; never beyond the steps the epoch cap allows.
-
-    The plan is made after the first few optimizer steps and revised at every step while the learning rate is
-    still warming up or stable (the pace of a busy machine changes); once the planned decay has begun it is
-    fixed, so warmup-stable-decay always ends decayed at the planned step. Time spent evaluating is measured
-    apart from training time. The plan is kept in `<output_dir>/time_plan.json`; a resumed run keeps it. When
-    the whole run fits with more than a fifth of the budget to spare, the log says so."""
-
-    def __init__(self, hours: float, output_dir: str, trainer_ref: list):
-        self.budget_s, self.path, self.trainer_ref = 3600.0 * hours, Path(output_dir) / "time_plan.json", trainer_ref
-        self.started, self.cap, self.fixed, self.reported = time.perf_counter(), 0, False, False
-        self.clock: tuple[float, int, float] | None = None  # (time, step, evaluation seconds) after the first step
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started, self.cap = time.perf_counter(), state.max_steps
-        if self.path.is_file():  # a resumed run goes on with the plan it was given
-            self._apply(state, min(self.cap, json.loads(self.path.read_text(encoding="utf-8"))["max_steps"]))
-            self.fixed = True
-
-    def _apply(self, state, max_steps: int) -> None:
-        if max_steps != state.max_steps:
-            state.max_steps = max_steps
-            self.trainer_ref[0].replan_schedule(max_steps)
-
-    def _decay_started(self, state) -> bool:
-        share = self.trainer_ref[0]._decay_share
-        decay_steps = math.ceil(share * state.max_steps) if share else 0
-        return state.global_step >= state.max_steps - decay_steps
-
-    def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer_ref[0]
-        if self.clock is None:  # the pace is measured from the end of the first step, which carries one-time costs
-            self.clock = (time.perf_counter(), state.global_step, trainer.eval_seconds)
-            return
-        clock_time, clock_step, clock_eval = self.clock
-        done = state.global_step - clock_step
-        if self.fixed or done < max(3, min(20, self.cap // 100)):
-            return
-        if self._decay_started(state):
-            self.fixed = True
-            return
-        now = time.perf_counter()
-        elapsed = now - self.started
-        pace = (now - clock_time - (trainer.eval_seconds - clock_eval)) / done
-        if trainer.evaluations:
-            eval_each = trainer.eval_seconds / trainer.evaluations
-        else:  # not measured yet: a forward pass over the validation split, about a third of a training step per example
-            examples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
-            eval_each = pace * len(trainer.eval_dataset or []) / examples_per_step / 3
-        every = state.eval_steps if args.eval_strategy == "steps" and state.eval_steps else math.inf
-        per_step = pace + eval_each / every  # a step, and its share of the evaluations along the way
-        affordable = state.global_step + int(max(0.0, self.budget_s - elapsed - eval_each) / per_step)
-        planned = max(state.global_step + 1, min(self.cap, affordable))
-        if not self.reported:
-            self.reported = True
-            whole_h = (self.cap * per_step + eval_each) / 3600
-            spare = self.budget_s / 3600 - whole_h
-            if planned < self.cap:
-                logger.warning("train_hours %g: at %.3f s per step here, the run is planned to end at step %d of the %d the "
-                               "epoch cap allows, decayed and saved within the budget (revised while the rate is stable).",
-                               self.budget_s / 3600, pace, planned, self.cap)
-            else:
-                logger.warning("train_hours %g: the whole run (%d steps, the epoch cap) takes about %.2f h here%s.",
-                               self.budget_s / 3600, self.cap, whole_h,
-                               f", leaving {spare:.2f} h of the budget unused: a larger model shape fits (README)"
-                               if spare > self.budget_s / 3600 / 5 else "")
-        if planned != state.max_steps:
-            self._apply(state, planned)
-            if state.is_world_process_zero:
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"max_steps": planned, "seconds_per_step": pace, "seconds_per_evaluation": eval_each,
-                                           "train_hours": self.budget_s / 3600, "epoch_cap_steps": self.cap}, indent=2), encoding="utf-8")
-                os.replace(tmp, self.path)
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")

@@ -1,0 +1,56 @@
+"""Phase-2 data sized to a time budget: the caps' common factor, and a run that plans, writes and keeps its caps."""
+
+import json
+
+import pytest
+
+from trm.time_budget import FILL_RESERVE, caps_filling_budget
+
+
+def _budget_for(seconds: float) -> float:
+    return seconds / (1 - FILL_RESERVE)
+
+
+def test_every_cap_grows_by_one_factor_until_the_epochs_fill_the_budget():
+    caps = {"alpaca": 10, "squad": 20, "chat": None}
+    available = {"alpaca": 100, "squad": 30, "chat": 5}
+    per_question = {"alpaca": 1.0, "squad": 1.0, "chat": 1.0}
+    # 2 epochs at 1 s per token: 151 s afford 75 whole questions: chat's 5, squad's 30 (all of it), alpaca 40 (x4.0 to x4.1).
+    grown, factor = caps_filling_budget(caps, available, per_question, 2, 1.0, _budget_for(151))
+    assert grown == {"alpaca": 40, "squad": 30, "chat": None} and 4.0 <= factor < 4.1
+    # Twice as long per alpaca question: the same seconds afford half as many of them beyond the others.
+    grown, _ = caps_filling_budget(caps, available, {**per_question, "alpaca": 2.0}, 2, 1.0, _budget_for(2 * (2 * 20 + 35)))
+    assert grown["alpaca"] == 20 and grown["squad"] == 30
+
+
+def test_a_budget_is_never_a_reason_to_cut_below_the_recipes_caps_nor_beyond_what_a_source_has():
+    caps, available, per_question = {"alpaca": 10, "squad": 20}, {"alpaca": 100, "squad": 30}, {"alpaca": 1.0, "squad": 1.0}
+    assert caps_filling_budget(caps, available, per_question, 2, 1.0, _budget_for(10)) == (caps, 1.0)
+    everything, factor = caps_filling_budget(caps, available, per_question, 2, 1.0, _budget_for(10_000))
+    assert everything == {"alpaca": 100, "squad": 30} and factor == 10.0
+
+
+def test_a_resumed_run_trains_on_the_caps_its_plan_holds_without_measuring_again(tmp_path, tokenizer):
+    from types import SimpleNamespace
+
+    from data.sft import SftDataArguments, prepare_sft_data
+    from trm.time_budget import DATA_PLAN, fill_phase2_budget
+
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"Task {i}.", "input": "", "output": f"Done {i}."} for i in range(40)]))
+    args = SftDataArguments(alpaca_file=str(alpaca), data_cache_dir=str(tmp_path / "cache"), fill_train_hours=True)
+    pool, report = prepare_sft_data(args, tokenizer)
+    output_dir = tmp_path / "phase2"
+    output_dir.mkdir()
+    (output_dir / DATA_PLAN).write_text(json.dumps({"caps": {"alpaca": 9}, "account": "planned before the kill"}))
+    training_args = SimpleNamespace(output_dir=str(output_dir), process_index=0, main_process_first=lambda desc: _nothing())
+    kept, kept_report = fill_phase2_budget(None, pool, report, args, 1.0, training_args, False, "checkpoint-4", None)
+    assert len(kept["train"]) == kept_report["alpaca"]["train"]["examples"] == 9
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
