@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer, metrics = train_and_evaluate(
         PHASE, model, tokenizer, training_args, model_args, datasets_["train"].select_columns(["input_ids", "labels", "length"]),
         validation.remove_columns(["source"]), collator, resume,
+        spare_time_advice="" if data_args.fill_train_hours else None,  # its data plan already says what the budget holds
     )
     for source in report:  # which sources the model learned, not only the mix's average
         held_out = validation.filter(lambda row: row["source"] == source).remove_columns(["source"])

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from trm.time_budget import FILL_RESERVE, caps_filling_budget
 
 

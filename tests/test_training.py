@@ -1,6 +1,7 @@
 """End-to-end runs of both phases on a tiny model: learning, saving, reloading, resuming, refusing."""
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -170,7 +171,7 @@ def test_phase2_tunes_the_phase1_model_and_refuses_bad_configs(phase1_model, tmp
     assert str(tmp_path) not in card.content
 
 
-def test_phase2_fills_its_time_budget_with_more_of_every_source_and_says_so(tmp_path, tokenizer):
+def test_phase2_fills_its_time_budget_with_more_of_every_source_and_says_so(tmp_path, tokenizer, caplog):
     from conftest import TINY_CONFIG
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -186,6 +187,9 @@ def test_phase2_fills_its_time_budget_with_more_of_every_source_and_says_so(tmp_
         run_sft.main(filled + ["--max_steps", "-1"])  # no train_hours
     with pytest.raises(RecipeError, match="max_steps"):
         run_sft.main(filled + ["--train_hours", "0.02"])  # max_steps would decide the length, not the data
+    with caplog.at_level(logging.WARNING, logger="trm.time_budget"):
+        run_sft.main([str(recipe), "--train_hours", "0.02", "--output_dir", str(tmp_path / "unfilled")])
+    assert "budget unused: --fill_train_hours true would spend it on more data" in caplog.text  # not "a larger shape"
     run_sft.main(filled + ["--train_hours", "0.02", "--max_steps", "-1", "--num_train_epochs", "1"])
     plan = json.loads((tmp_path / "phase2" / "data_plan.json").read_text())
     _, pool = prepare_sft_data(SftDataArguments(alpaca_file=str(tmp_path / "alpaca.json"), validation_split_percentage=10.0,

@@ -37,6 +37,8 @@ from models.gpt2 import chunked_lm_loss, use_fused_gelu
 logger = logging.getLogger(__name__)
 FILL_RESERVE = 0.15  # share of a filled budget kept for evaluations, calibration and optimizer steps
 DATA_PLAN = "data_plan.json"
+SPARE_TIME_ADVICE = {"pretraining": "a larger model shape fits (README)",
+                     "instruction_tuning": "--fill_train_hours true would spend it on more data"}
 
 
 class TimeBudgetCallback(TrainerCallback):
@@ -68,8 +70,9 @@ class TrainingTimePlan(TrainerCallback):
     apart from training time. The plan is kept in `<output_dir>/time_plan.json`; a resumed run keeps it. When
     the whole run fits with more than a fifth of the budget to spare, the log says so."""
 
-    def __init__(self, hours: float, output_dir: str, trainer_ref: list):
+    def __init__(self, hours: float, output_dir: str, trainer_ref: list, spare_advice: str):
         self.budget_s, self.path, self.trainer_ref = 3600.0 * hours, Path(output_dir) / "time_plan.json", trainer_ref
+        self.spare_advice = spare_advice
         self.started, self.cap, self.fixed, self.reported = time.perf_counter(), 0, False, False
         self.clock: tuple[float, int, float] | None = None  # (time, step, evaluation seconds) after the first step
 
@@ -124,7 +127,7 @@ class TrainingTimePlan(TrainerCallback):
             else:
                 logger.warning("train_hours %g: the whole run (%d steps, the epoch cap) takes about %.2f h here%s.",
                                self.budget_s / 3600, self.cap, whole_h,
-                               f", leaving {spare:.2f} h of the budget unused: a larger model shape fits (README)"
+                               f", leaving {spare:.2f} h of the budget unused" + (f": {self.spare_advice}" if self.spare_advice else "")
                                if spare > self.budget_s / 3600 / 5 else "")
         if planned != state.max_steps:
             self._apply(state, planned)

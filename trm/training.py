@@ -63,7 +63,7 @@ from trm.model_card import write_card
 from trm.optimizers import build_muon_with_adamw
 from trm.precision import PRECISIONS, PrecisionChoice, choose_precision, cpu_bf16_flags
 from trm.recipe import RecipeError
-from trm.time_budget import TimeBudgetCallback, TrainingTimePlan
+from trm.time_budget import SPARE_TIME_ADVICE, TimeBudgetCallback, TrainingTimePlan
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -621,8 +621,8 @@ def save_final_model(trainer: Trainer, output_dir: str, card: ModelCard, extra_f
     staging.rmdir()
 
 
-def build_callbacks(output_dir: str, tokenizer, model_args: ModelArguments, early_stopping: bool,
-                    trainer_ref: list | None = None, resume: str | None = None) -> list[TrainerCallback]:
+def build_callbacks(phase: str, output_dir: str, tokenizer, model_args: ModelArguments, early_stopping: bool,
+                    trainer_ref: list | None = None, resume: str | None = None, spare_time_advice: str | None = None) -> list[TrainerCallback]:
     from transformers import EarlyStoppingCallback
 
     Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -635,7 +635,8 @@ def build_callbacks(output_dir: str, tokenizer, model_args: ModelArguments, earl
     if model_args.max_train_minutes is not None:
         callbacks.append(TimeBudgetCallback(model_args.max_train_minutes))
     if model_args.train_hours is not None:
-        callbacks.append(TrainingTimePlan(model_args.train_hours, output_dir, trainer_ref))
+        advice = SPARE_TIME_ADVICE[phase] if spare_time_advice is None else spare_time_advice
+        callbacks.append(TrainingTimePlan(model_args.train_hours, output_dir, trainer_ref, advice))
     if model_args.ema_decay is not None:
         callbacks.append(WeightAverage(model_args.ema_decay, resume))
     if early_stopping:
@@ -695,9 +696,10 @@ def finish_from_last_checkpoint(trainer: TrmTrainer, checkpoint: str) -> dict:
 
 def train_and_evaluate(
     phase: str, model, tokenizer, training_args, model_args: ModelArguments, train_dataset, eval_dataset,
-    data_collator, resume: str | None,
+    data_collator, resume: str | None, spare_time_advice: str | None = None,
 ) -> tuple[TrmTrainer, dict]:
-    """The shared core of both phases: check the step budget, train (or resume), evaluate the final model."""
+    """The shared core of both phases: check the step budget, train (or resume), evaluate the final model.
+    `spare_time_advice` replaces the phase's advice for a run that fits its `train_hours` with time to spare."""
     examples_per_step = (
         training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * max(1, training_args.world_size)
     )
@@ -711,8 +713,8 @@ def train_and_evaluate(
         eval_dataset=eval_dataset,
         data_collator=data_collator,
         processing_class=tokenizer,
-        callbacks=build_callbacks(training_args.output_dir, tokenizer, model_args, early_stopping=training_args.load_best_model_at_end,
-                                  trainer_ref=trainer_ref, resume=resume),
+        callbacks=build_callbacks(phase, training_args.output_dir, tokenizer, model_args, early_stopping=training_args.load_best_model_at_end,
+                                  trainer_ref=trainer_ref, resume=resume, spare_time_advice=spare_time_advice),
         loss_chunk_rows=model_args.loss_chunk_rows,
         use_muon=model_args.use_muon,
         prompt_loss_weight=model_args.prompt_loss_weight,
