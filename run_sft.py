@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.fill_train_hours and (model_args.train_hours is None or training_args.max_steps > 0):
         raise RecipeError("fill_train_hours sizes phase 2's data to its time budget over num_train_epochs: set train_hours "
                           "(make sft HOURS=H) and leave max_steps unset.")
+    if training_args.torch_compile:
+        logger.warning("torch_compile: phase-2 batches are padded to their own lengths, so the model is compiled again for "
+                       "many shapes (on a 2-core CPU it trained at 0.15x the uncompiled speed, docs/measurements.md).")
     model = load_phase1_model(model_args.model_name_or_path)
     resume = claim_output_dir(training_args)
     precision = settle_precision(model_args, training_args, model, data_args.max_seq_length)

@@ -8,6 +8,7 @@ the first 50 dialogues of a DailyDialog file the model was not tuned on (its val
 setting answers every prompt; the table reports, per prompt set: the share of replies that ended with
 `<|endoftext|>` by themselves, the share with a repeated word 3-gram (degenerate loops), mean length in
 tokens, and for dialogues the token F1 against the reference second turn (a weak but real quality signal).
+Repetition controls apply to the reply alone, as everywhere in TRM (`trm.generation`).
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from trm.generation import SamplingSettings, generate_reply, load_model  # noqa:
 from trm.metrics.squad.squad import f1 as f1_score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every setting names both controls: the defaults of SamplingSettings are themselves one of the rows.
 SETTINGS = {
-    "greedy": dict(greedy=True, repetition_penalty=1.0),
-    "greedy, repetition_penalty 1.1": dict(greedy=True, repetition_penalty=1.1),
-    "greedy, repetition_penalty 1.3": dict(greedy=True, repetition_penalty=1.3),
+    "greedy": dict(greedy=True, repetition_penalty=1.0, no_repeat_ngram_size=0),
+    "greedy, repetition_penalty 1.1": dict(greedy=True, repetition_penalty=1.1, no_repeat_ngram_size=0),
+    "greedy, repetition_penalty 1.3": dict(greedy=True, repetition_penalty=1.3, no_repeat_ngram_size=0),
     "greedy, no_repeat_ngram_size 3": dict(greedy=True, repetition_penalty=1.0, no_repeat_ngram_size=3),
     "greedy, rp 1.1 + no_repeat_ngram_size 3": dict(greedy=True, repetition_penalty=1.1, no_repeat_ngram_size=3),
-    "sampled (t 0.7), repetition_penalty 1.1": dict(repetition_penalty=1.1),
+    "sampled (t 0.7), repetition_penalty 1.1": dict(repetition_penalty=1.1, no_repeat_ngram_size=0),
     "sampled (t 0.7), rp 1.1 + no_repeat_ngram_size 3": dict(repetition_penalty=1.1, no_repeat_ngram_size=3),
 }
 
@@ -61,15 +63,22 @@ def main() -> None:
     parser.add_argument("--dailydialog_file", required=True)
     parser.add_argument("--count", type=int, default=50, help="prompts per set")
     parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--settings", help=f"comma-separated row numbers (1-{len(SETTINGS)}) to run; default all")
     parser.add_argument("--report", default="cache/reply_endings.json")
     args = parser.parse_args()
+    rows = list(SETTINGS.items())
+    if args.settings:
+        try:
+            rows = [rows[int(number) - 1] for number in args.settings.split(",")]
+        except (ValueError, IndexError):
+            parser.error(f"--settings takes row numbers from 1 to {len(SETTINGS)}, got {args.settings!r}.")
     model, tokenizer = load_model(args.model_name_or_path)
     instructions = [l.strip() for l in (ROOT / "data/samples/eval_instructions.txt").read_text().splitlines() if l.strip()]
     sets = {"instructions": [(p, None) for p in instructions[: args.count]],
             "dialogue first turns": dialogue_prompts(args.dailydialog_file, args.count)}
     results = []
     print(f"{'setting':<50} {'set':<22} {'ended':>6} {'loops':>6} {'tokens':>7} {'F1':>5} {'s/reply':>8}")
-    for name, overrides in SETTINGS.items():
+    for name, overrides in rows:
         settings = SamplingSettings(max_new_tokens=args.max_new_tokens, **overrides)
         for set_name, prompts in sets.items():
             torch.manual_seed(0)

@@ -27,6 +27,26 @@ def test_generation_stops_at_the_end_token(tokenizer):
     assert not ended and reply == "yes yes yes yes yes"
 
 
+def test_repetition_controls_apply_to_the_reply_alone_so_a_passage_can_be_copied(tokenizer, model_dir):
+    """transformers' n-gram ban counts the prompt: a reply could never repeat three tokens of a passage (an
+    answer span) nor the no-answer reply an instruction names. TRM's bans the reply's own repeats only."""
+    from trm.generation import load_model
+
+    word = tokenizer(" yes")["input_ids"][0]
+    model = model_preferring(word, strength=50.0)
+    messages = [{"role": "user", "content": "yes yes yes"}]  # the prompt holds the 3-gram " yes yes yes"
+    settings = SamplingSettings(max_new_tokens=4, greedy=True, repetition_penalty=1.0, no_repeat_ngram_size=3)
+    reply, _ = generate_reply(model, tokenizer, messages, settings)
+    assert reply.split()[:3] == ["yes", "yes", "yes"] and reply != "yes yes yes yes"  # copied once, never looped
+    # A saved model's generation config (prompt-wide bans) does not come back in through the model either.
+    saved, _ = load_model(model_dir)
+    assert saved.generation_config.no_repeat_ngram_size == 3
+    kwargs = SamplingSettings(repetition_penalty=1.3).generate_kwargs(prompt_length=7)
+    assert kwargs["no_repeat_ngram_size"] == 0 and kwargs["repetition_penalty"] == 1.0
+    penalty, ngrams = kwargs["logits_processor"]
+    assert penalty.prompt_ignore_length == 7 and penalty.penalty == 1.3 and ngrams.prompt_length == 7
+
+
 def test_history_is_trimmed_oldest_first(tokenizer):
     messages = [{"role": "system", "content": "Be kind."}]
     for i in range(20):

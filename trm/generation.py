@@ -7,6 +7,10 @@ Design decisions:
   stopping rule; whether a reply ended by itself is reported, because that is a quality signal.
 - Greedy loops are the usual reason a reply does not end; a 3-gram may not repeat by default
   (`no_repeat_ngram_size`), chosen by measurement on unseen prompts (`benchmarks/reply_endings.py`).
+  TRM applies it, and the repetition penalty, to the reply alone: `transformers` counts the prompt too,
+  which forbids copying any three tokens of a passage (a SQuAD answer, a retrieved fact) and, where the
+  instruction names the no-answer reply, abstaining. The saved generation config keeps the plain keys
+  (what `generate()` and `pipeline` read); their semantics there are `transformers`' own.
 - History is trimmed oldest exchange first until the prompt plus `max_new_tokens` fits the context, in
   time linear in the conversation's length (the server trims whatever a client sends).
 """
@@ -17,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from data.files import DataError
 from data.prompt_format import generation_prompt, render
@@ -37,12 +42,34 @@ class SamplingSettings:
     no_repeat_ngram_size: int = 3
     greedy: bool = False
 
-    def generate_kwargs(self) -> dict:
+    def sampling_kwargs(self) -> dict:
+        """The settings as plain `generate` keys: what a saved generation config holds."""
         common = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
                   "no_repeat_ngram_size": self.no_repeat_ngram_size}
         if self.greedy or self.temperature <= 0:
             return {"do_sample": False, **common}
         return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, **common}
+
+    def generate_kwargs(self, prompt_length: int) -> dict:
+        """`generate` keys for a prompt of `prompt_length` tokens, the repetition controls applied to the reply alone."""
+        processors = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty), prompt_ignore_length=prompt_length))
+        if self.no_repeat_ngram_size > 0:
+            processors.append(ReplyNoRepeatNGram(self.no_repeat_ngram_size, prompt_length))
+        # The plain keys off, so the model's saved generation config does not add prompt-wide versions of both.
+        return {**self.sampling_kwargs(), "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "logits_processor": processors}
+
+
+class ReplyNoRepeatNGram(NoRepeatNGramLogitsProcessor):
+    """`transformers`' n-gram ban over the tokens after the prompt only: the prompt's n-grams stay allowed."""
+
+    def __init__(self, ngram_size: int, prompt_length: int):
+        super().__init__(ngram_size)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return super().__call__(input_ids[:, self.prompt_length:], scores)
 
 
 def from_pretrained(loader, folder: Path):
@@ -112,7 +139,7 @@ def generate_text(model, tokenizer, prompt: str, settings: SamplingSettings, str
     """Continue `prompt`; return the new text (special tokens removed) and whether it ended with `<|endoftext|>`."""
     inputs = tokenizer(prompt, return_tensors="pt")
     output = model.generate(
-        **inputs, **settings.generate_kwargs(), streamer=streamer, stopping_criteria=stopping_criteria,
+        **inputs, **settings.generate_kwargs(inputs["input_ids"].shape[1]), streamer=streamer, stopping_criteria=stopping_criteria,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
     )
     new_tokens = output[0, inputs["input_ids"].shape[1]:].tolist()

@@ -164,29 +164,25 @@ def seconds_per_token(model, rows: list[dict], collator, batch_size: int, device
 
 
 def caps_filling_budget(caps: dict[str, int | None], available: dict[str, int], tokens_per_question: dict[str, float],
-                        epochs: float, seconds_per_token: float, budget_s: float) -> tuple[dict[str, int | None], float]:
+                        epochs: float, pace: float, budget_s: float) -> tuple[dict[str, int | None], float]:
     """Each capped source's cap times the largest common factor (at least 1) whose `epochs` over the kept questions
-    take at most the budget less the reserve; a cap never exceeds what its source has. Returns (caps, factor)."""
+    take at most the budget less the reserve at `pace` seconds per token; a cap never exceeds what its source has.
+    Returns (caps, factor)."""
     target = budget_s * (1 - FILL_RESERVE)
 
     def kept(factor: float) -> dict[str, int]:
         return {s: available[s] if caps[s] is None else min(available[s], math.floor(caps[s] * factor)) for s in caps}
 
     def cost(factor: float) -> float:
-        return epochs * seconds_per_token * sum(n * tokens_per_question[s] for s, n in kept(factor).items())
+        return epochs * pace * sum(n * tokens_per_question[s] for s, n in kept(factor).items())
 
-    capped = [s for s in caps if caps[s] is not None and caps[s] > 0]
-    top = max([available[s] / caps[s] for s in capped], default=1.0)
-    low = 1.0
+    top = max([available[s] / caps[s] for s in caps if caps[s]], default=1.0)  # where every source is whole
     if top <= 1.0 or cost(1.0) >= target:
         return dict(caps), 1.0
-    if cost(top) <= target:
-        low = top
-    else:
-        high = top
-        for _ in range(60):
-            middle = (low + high) / 2
-            low, high = (middle, high) if cost(middle) <= target else (low, middle)
+    low, high = (top, top) if cost(top) <= target else (1.0, top)
+    for _ in range(60 if low < high else 0):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cost(middle) <= target else (low, middle)
     chosen = kept(low)
     return {s: None if caps[s] is None else chosen[s] for s in caps}, low
 

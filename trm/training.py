@@ -567,7 +567,7 @@ def default_generation_config(tokenizer, max_new_tokens: int = 128) -> Generatio
     """The chat's sampling defaults (`trm.generation.SamplingSettings`), stored so `pipeline` users get them too."""
     return GenerationConfig(
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-        **SamplingSettings(max_new_tokens=max_new_tokens).generate_kwargs(),
+        **SamplingSettings(max_new_tokens=max_new_tokens).sampling_kwargs(),
     )
 
 
