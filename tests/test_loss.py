@@ -12,6 +12,21 @@ def _model(seed=0):
     return GPT2LMHeadModel(GPT2Config(**TINY_CONFIG))
 
 
+def _assert_same_loss_and_gradients(model, reference, fast) -> torch.Tensor:
+    """`fast()` gives `reference()`'s loss and the same gradient on every parameter; returns the fast loss."""
+    model.zero_grad()
+    expected = reference()
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = fast()
+    loss.backward()
+    assert torch.allclose(loss, expected, atol=1e-5, rtol=1e-5)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, expected_grads[name], atol=1e-6, rtol=1e-4), name
+    return loss
+
+
 @pytest.mark.parametrize("chunk_rows", [7, 64, 4096])
 def test_chunked_loss_matches_the_stock_loss_and_gradients(chunk_rows):
     model = _model()
@@ -22,17 +37,9 @@ def test_chunked_loss_matches_the_stock_loss_and_gradients(chunk_rows):
     labels[2, 30:] = -100
     mask = torch.ones_like(input_ids)
 
-    model.zero_grad()
-    stock = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-    stock.backward()
-    stock_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    model.zero_grad()
-    fast = chunked_lm_loss(model, input_ids, labels, attention_mask=mask, chunk_rows=chunk_rows)
-    fast.backward()
-    assert torch.allclose(fast, stock, atol=1e-5, rtol=1e-5)
-    for name, parameter in model.named_parameters():
-        assert torch.allclose(parameter.grad, stock_grads[name], atol=1e-6, rtol=1e-4), name
+    _assert_same_loss_and_gradients(
+        model, lambda: model(input_ids=input_ids, attention_mask=mask, labels=labels).loss,
+        lambda: chunked_lm_loss(model, input_ids, labels, attention_mask=mask, chunk_rows=chunk_rows))
 
 
 def test_positions_without_a_label_never_reach_the_output_projection(monkeypatch):
@@ -158,15 +165,9 @@ def test_a_prompt_loss_weight_adds_the_weighted_prompt_loss_and_skips_padding(ch
 
     prompt_labels = torch.where((labels == -100) & mask.bool(), input_ids, torch.full_like(input_ids, -100))
     prompt_labels[:, 0] = -100  # the first token is never a target
-    expected = (stock_sum(labels) + 0.1 * stock_sum(prompt_labels)) / replies
-    expected.backward()
-    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    weighted = chunked_lm_loss(model, input_ids, labels, attention_mask=mask, chunk_rows=chunk_rows, prompt_loss_weight=0.1)
-    weighted.backward()
-    assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
-    for name, parameter in model.named_parameters():
-        assert torch.allclose(parameter.grad, expected_grads[name], atol=1e-6, rtol=1e-4), name
+    _assert_same_loss_and_gradients(
+        model, lambda: (stock_sum(labels) + 0.1 * stock_sum(prompt_labels)) / replies,
+        lambda: chunked_lm_loss(model, input_ids, labels, attention_mask=mask, chunk_rows=chunk_rows, prompt_loss_weight=0.1))
     unweighted = chunked_lm_loss(model, input_ids, labels, attention_mask=mask, chunk_rows=chunk_rows)
     assert unweighted.item() == pytest.approx((stock_sum(labels) / replies).item(), rel=1e-5)
 
@@ -180,21 +181,15 @@ def test_z_loss_adds_the_squared_log_normaliser_with_its_exact_gradient(chunk_ro
     labels[1, :10] = -100
     z = 0.01  # large enough for the term to matter in the gradients
 
-    model.zero_grad()
-    logits = model(input_ids=input_ids).logits[:, :-1].reshape(-1, 50257)
-    targets = labels[:, 1:].reshape(-1)
-    kept = targets != -100
-    log_z = torch.logsumexp(logits[kept], dim=-1)
-    reference = torch.nn.functional.cross_entropy(logits[kept], targets[kept]) + z * (log_z ** 2).mean()
-    reference.backward()
-    reference_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    def reference():  # cross-entropy plus z x log(Z)^2, through autograd
+        logits = model(input_ids=input_ids).logits[:, :-1].reshape(-1, 50257)
+        targets = labels[:, 1:].reshape(-1)
+        kept = targets != -100
+        log_z = torch.logsumexp(logits[kept], dim=-1)
+        return torch.nn.functional.cross_entropy(logits[kept], targets[kept]) + z * (log_z ** 2).mean()
 
-    model.zero_grad()
-    fast = chunked_lm_loss(model, input_ids, labels, chunk_rows=chunk_rows, z_loss_weight=z)
-    fast.backward()
-    assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-5)
-    for name, parameter in model.named_parameters():
-        assert torch.allclose(parameter.grad, reference_grads[name], atol=1e-6, rtol=1e-4), name
+    fast = _assert_same_loss_and_gradients(
+        model, reference, lambda: chunked_lm_loss(model, input_ids, labels, chunk_rows=chunk_rows, z_loss_weight=z))
     assert chunked_lm_loss(model, input_ids, labels, z_loss_weight=0.0) < fast  # z-loss only adds
 
 

@@ -1,6 +1,7 @@
 """Phase-2 data sized to a time budget: the caps' common factor, and a run that plans, writes and keeps its caps."""
 
 import json
+from contextlib import nullcontext
 
 from trm.time_budget import FILL_RESERVE, caps_filling_budget
 
@@ -41,14 +42,6 @@ def test_a_resumed_run_trains_on_the_caps_its_plan_holds_without_measuring_again
     output_dir = tmp_path / "phase2"
     output_dir.mkdir()
     (output_dir / DATA_PLAN).write_text(json.dumps({"caps": {"alpaca": 9}, "account": "planned before the kill"}))
-    training_args = SimpleNamespace(output_dir=str(output_dir), process_index=0, main_process_first=lambda desc: _nothing())
+    training_args = SimpleNamespace(output_dir=str(output_dir), process_index=0, main_process_first=lambda desc: nullcontext())
     kept, kept_report = fill_phase2_budget(None, pool, report, args, 1.0, training_args, False, "checkpoint-4", None)
     assert len(kept["train"]) == kept_report["alpaca"]["train"]["examples"] == 9
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
