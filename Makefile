@@ -33,7 +33,7 @@ test-all: venv
 	$(PY) -m pytest -q -m ""
 
 pretrain: venv
-	$(TRAIN) run_clm.py recipes/phase1_pretraining.yaml $(if $(HOURS),--train_hours $(HOURS)) $(ARGS)
+	$(TRAIN) run_clm.py recipes/phase1_pretraining.yaml $(if $(HOURS),--train_hours $(HOURS)) $(if $(SHAPE),--config_name $(SHAPE)) $(ARGS)
 
 sft: venv
 	$(TRAIN) run_sft.py recipes/phase2_instruction_tuning.yaml --model_name_or_path $(PHASE1_MODEL) $(if $(HOURS),--train_hours $(HOURS)) $(ARGS)

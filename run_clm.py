@@ -21,8 +21,9 @@ from trm import rules
 from trm.cli import run_main
 from trm.model_card import build_card
 from trm.recipe import parse_recipe
+from trm.time_budget import plan_phase1_shape
 from trm.training import (
-    ModelArguments, collate_blocks, collate_documents, default_generation_config, claim_output_dir,
+    AUTO_SHAPE, ModelArguments, collate_blocks, collate_documents, default_generation_config, claim_output_dir,
     save_final_model, settle_precision, train_and_evaluate,
 )
 
@@ -33,33 +34,47 @@ DEFAULTS = {
 }
 
 
+def build_checked_model(config_name: str, model_args: ModelArguments, training_args, block_size: int):
+    model = build_model(config_name, seed=training_args.seed, zero_init_projections=model_args.zero_init_projections)
+    if model.config.n_positions < block_size:
+        raise rules.RuleViolation(f"block_size {block_size} exceeds the model's context {model.config.n_positions} ({config_name}).")
+    return model
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_recipe(
         (ModelArguments, PretrainingDataArguments, TrainingArguments), argv, defaults=DEFAULTS
     )
     rules.check_no_retrieval_settings({**vars(model_args), **vars(data_args)})
-    rules.check_random_init(model_args.model_name_or_path, model_args.config_name)
+    auto_shape = model_args.config_name == AUTO_SHAPE
+    shapes = model_args.shape_ladder if auto_shape else [model_args.config_name]
+    for shape in shapes:
+        rules.check_random_init(model_args.model_name_or_path, shape)
     rules.check_tokenizer(model_args.tokenizer_name)
     rules.check_epochs(PHASE, training_args.num_train_epochs)
-    model = build_model(model_args.config_name, seed=training_args.seed, zero_init_projections=model_args.zero_init_projections)
-    if model.config.n_positions < data_args.block_size:
-        raise rules.RuleViolation(f"block_size {data_args.block_size} exceeds the model's context {model.config.n_positions}.")
+    model = build_checked_model(shapes[0], model_args, training_args, data_args.block_size)
     resume = claim_output_dir(training_args)
     precision = settle_precision(model_args, training_args, model, data_args.block_size)
 
     with training_args.main_process_first(desc="data preparation"):  # once; the other processes read its cache
         datasets_, stats = prepare_pretraining_data(data_args, seed=training_args.seed)
     logger.info("%s", describe_stats(stats))
+    collator = collate_documents if model_args.document_attention else collate_blocks
+    config_name = shapes[0]
+    if auto_shape:
+        config_name = plan_phase1_shape(shapes, len(datasets_["train"]), data_args.block_size, model_args.train_hours,
+                                        training_args, precision.dtype == "bf16", resume, collator)
+        model = build_checked_model(config_name, model_args, training_args, data_args.block_size)
     tokenizer = load_tokenizer(model_max_length=data_args.block_size)
     model.generation_config = default_generation_config(tokenizer)
     counts = parameter_counts(model)
     logger.info(
-        "model %s: %s parameters (%s embedding, %s non-embedding)", model_args.config_name,
+        "model %s: %s parameters (%s embedding, %s non-embedding)", config_name,
         *(f"{counts[k] / 1e6:.2f}M" for k in ("total", "embedding", "non_embedding")),
     )
     trainer, metrics = train_and_evaluate(
-        PHASE, model, tokenizer, training_args, model_args, datasets_["train"], datasets_["validation"],
-        collate_documents if model_args.document_attention else collate_blocks, resume,
+        PHASE, model, tokenizer, training_args, model_args, datasets_["train"], datasets_["validation"], collator, resume,
+        spare_time_advice="" if auto_shape else None,
     )
     local_files = [Path(name).name for name in data_args.train_file or []]
     hub_datasets = [] if local_files else [data_args.dataset_name]
@@ -74,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         facts={
             "data": ", ".join(local_files) if local_files else f"{data_args.dataset_name} ({data_args.dataset_config_name})",
             "training tokens (per epoch)": f"{stats['train']['tokens']:,}",
+            "shape": Path(config_name).stem + (" (config_name auto: the costliest of shape_ladder that fit train_hours)" if auto_shape else ""),
             "parameters": f"{counts['total']:,} ({counts['non_embedding']:,} non-embedding)",
             "context length": data_args.block_size,
             "epochs": f"{metrics.get('epoch', 0):.2f}",

@@ -2,11 +2,13 @@
 """Phase-1 levers of issue 9, each against the recipe over the same tokens from the same seed.
 
     python benchmarks/phase1_levers.py --train_file ../shared/data/wiki/enwiki_pages_sample.jsonl.xz \
-        [--runs baseline,beta2_0.99] [--max_steps 196] [--parallel 2] [--output_dir outputs/phase1_levers]
+        [--runs baseline,beta2_0.99] [--max_steps 196] [--parallel 2] [--output_dir outputs/phase1_levers] [--base recipe]
+        [--blimp ../shared/data/blimp --blimp_pairs_per_paradigm 100]
 
-Every run is the phase-1 recipe as it was before Muon became its default (32 x 256 tokens per step, AdamW)
-with one change, evaluated on the whole prepared validation split (`--max_eval_tokens` unbounded) every
-`--eval_steps`. `--parallel N` runs N at once with
+Every run is the phase-1 recipe as it was before Muon became its default (32 x 256 tokens per step, AdamW,
+cosine), or with `--base recipe` the recipe as it is now (Muon, warmup-stable-decay), with one change,
+evaluated on the whole prepared validation split (`--max_eval_tokens` unbounded) every `--eval_steps`, and
+with `--blimp` each final model on BLiMP (`run_eval.py`, mean over paradigms). `--parallel N` runs N at once with
 one thread each, so runs started together share the machine alike; each run resumes if interrupted and a
 finished run is not repeated. The table compares validation loss at equal tokens and reports each run's
 measured tokens/s: levers that change the cost of a step (depth, Muon) are judged at equal time by
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BLIMP_REPORT = "blimp_report.json"
 # The recipe as it stood before these measurements (AdamW, cosine decay); each lever changes one setting of it.
 BEFORE = ["--use_muon", "false", "--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", "{}"]
 LEVERS = {
@@ -41,6 +44,7 @@ LEVERS = {
     "zero_init_projections": ["--zero_init_projections", "true"],
     "z_loss_1e-4": ["--z_loss_weight", "1e-4"],
     "ema_0.999": ["--ema_decay", "0.999"],
+    "lr_2e-3": ["--learning_rate", "2e-3"],
 }
 
 
@@ -50,8 +54,14 @@ def run_command(name: str, args) -> list[str]:
         "--train_file", args.train_file, "--output_dir", str(Path(args.output_dir) / name), "--seed", "42",
         "--max_steps", str(args.max_steps), "--eval_steps", str(args.eval_steps), "--save_steps", str(args.eval_steps),
         "--max_eval_tokens", "100000000", "--load_best_model_at_end", "false", "--disable_tqdm", "true",
-        "--resume", *BEFORE, *LEVERS[name],
+        "--resume", *(BEFORE if args.base == "before" else []), *LEVERS[name],
     ]
+
+
+def blimp_command(name: str, args) -> list[str]:
+    run_dir = Path(args.output_dir) / name
+    return [sys.executable, str(ROOT / "run_eval.py"), str(run_dir), "--blimp", args.blimp, "--report", str(run_dir / BLIMP_REPORT),
+            *(["--blimp_pairs_per_paradigm", str(args.blimp_pairs_per_paradigm)] if args.blimp_pairs_per_paradigm else [])]
 
 
 def run_summary(run_dir: Path) -> dict:
@@ -59,8 +69,10 @@ def run_summary(run_dir: Path) -> dict:
     evals = {r["num_input_tokens_seen"]: r["eval_loss"] for r in history if "eval_loss" in r and "num_input_tokens_seen" in r}
     copies = {r["num_input_tokens_seen"]: r["eval_copy_loss"] for r in history if "eval_copy_loss" in r}
     speeds = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
+    blimp = run_dir / BLIMP_REPORT
     return {"eval_loss": evals, "copy_loss": copies,
-            "tokens_per_second": sorted(speeds)[len(speeds) // 2] if speeds else None}
+            "tokens_per_second": sorted(speeds)[len(speeds) // 2] if speeds else None,
+            "blimp": json.loads(blimp.read_text(encoding="utf-8"))["blimp"]["mean"] if blimp.is_file() else None}
 
 
 def json_ready(summary: dict) -> dict:
@@ -108,6 +120,10 @@ def main() -> None:
     parser.add_argument("--eval_steps", type=int, default=49)
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--output_dir", default="outputs/phase1_levers")
+    parser.add_argument("--base", choices=("before", "recipe"), default="before",
+                        help="the recipe each lever changes: as it was before Muon (the published table) or as it is now")
+    parser.add_argument("--blimp", help="BLiMP directory (or hub): score every final model on it")
+    parser.add_argument("--blimp_pairs_per_paradigm", type=int, default=None)
     args = parser.parse_args()
     names = chosen_runs(parser, args.runs, LEVERS)
 
@@ -127,6 +143,13 @@ def main() -> None:
         if failed:
             sys.exit(f"runs failed: {', '.join(failed)} (see {output}/<run>/run.log)")
 
+    for name in names if args.blimp else []:
+        if (output / name / "training_log.json").is_file() and not (output / name / BLIMP_REPORT).is_file():
+            print("$", " ".join(blimp_command(name, args)), flush=True)
+            with (output / name / "run.log").open("a") as log:
+                if subprocess.run(blimp_command(name, args), cwd=ROOT, stdout=log, stderr=log).returncode != 0:
+                    sys.exit(f"BLiMP evaluation of {name} failed (see {output / name}/run.log)")
+
     summaries = {name: run_summary(output / name) for name in names if (output / name / "training_log.json").is_file()}
     tokens = sorted(set.intersection(*(set(s["eval_loss"]) for s in summaries.values())))
     print(f"\n{'tokens':>10} " + " ".join(f"{name:>18}" for name in summaries))
@@ -134,7 +157,9 @@ def main() -> None:
         print(f"{count:>10,} " + " ".join(f"{s['eval_loss'][count]:>18.4f}" for s in summaries.values()))
     print(f"{'copy loss':>10} " + " ".join(f"{s['copy_loss'].get(tokens[-1], float('nan')):>18.3f}" for s in summaries.values()))
     print(f"{'tokens/s':>10} " + " ".join(f"{s['tokens_per_second'] or 0:>18,.0f}" for s in summaries.values()))
-    result = {"max_steps": args.max_steps, "threads_per_run": threads,
+    if args.blimp:
+        print(f"{'BLiMP':>10} " + " ".join(f"{s['blimp'] or float('nan'):>18.2f}" for s in summaries.values()))
+    result = {"max_steps": args.max_steps, "threads_per_run": threads, "base": args.base,
               "runs": {name: json_ready(s) for name, s in summaries.items()}}
     plot_curves(summaries, output / "levers.png")
     tmp = output / "levers.json.tmp"

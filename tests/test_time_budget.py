@@ -1,9 +1,14 @@
-"""Phase-2 data sized to a time budget: the caps' common factor, and a run that plans, writes and keeps its caps."""
+"""Time budgets filled: phase 2's caps grown by one common factor, phase 1's shape chosen from a ladder, and runs that
+keep the plan they were given."""
 
 import json
 from contextlib import nullcontext
+from types import SimpleNamespace
 
-from trm.time_budget import FILL_RESERVE, caps_filling_budget
+import pytest
+
+from data.files import DataError
+from trm.time_budget import FILL_RESERVE, SHAPE_PLAN, caps_filling_budget, costliest_fitting_shape, plan_phase1_shape
 
 
 def _budget_for(seconds: float) -> float:
@@ -30,8 +35,6 @@ def test_a_budget_is_never_a_reason_to_cut_below_the_recipes_caps_nor_beyond_wha
 
 
 def test_a_resumed_run_trains_on_the_caps_its_plan_holds_without_measuring_again(tmp_path, tokenizer):
-    from types import SimpleNamespace
-
     from data.sft import SftDataArguments, prepare_sft_data
     from trm.time_budget import DATA_PLAN, fill_phase2_budget
 
@@ -45,3 +48,32 @@ def test_a_resumed_run_trains_on_the_caps_its_plan_holds_without_measuring_again
     training_args = SimpleNamespace(output_dir=str(output_dir), process_index=0, main_process_first=lambda desc: nullcontext())
     kept, kept_report = fill_phase2_budget(None, pool, report, args, 1.0, training_args, False, "checkpoint-4", None)
     assert len(kept["train"]) == kept_report["alpaca"]["train"]["examples"] == 9
+
+
+def test_the_shape_is_the_costliest_whose_run_fits_and_shapes_beyond_it_are_not_measured():
+    paces = {"s6": 1.0, "s8": 2.0, "s12": 3.0, "s24": 6.0}
+    measured = []
+
+    def pace_of(shape):
+        measured.append(shape)
+        return paces[shape]
+
+    ladder = list(paces)
+    # 100 tokens: s8 needs 200 s, s12 300 s; a budget of 250 s for training affords s8 only.
+    assert costliest_fitting_shape(ladder, 100, _budget_for(250) / 3600, pace_of)[0] == "s8"
+    assert measured == ["s6", "s8", "s12"]  # s24 was never timed
+    assert costliest_fitting_shape(ladder, 100, _budget_for(600) / 3600, pace_of)[0] == "s24"
+    chosen, timed = costliest_fitting_shape(ladder, 100, _budget_for(50) / 3600, pace_of)
+    assert chosen == "s6" and list(timed) == ["s6"]  # none fits: the cheapest, which the time plan then shortens
+
+
+def test_a_resumed_run_keeps_the_shape_its_plan_holds_and_a_foreign_plan_is_refused(tmp_path):
+    ladder = ["configs/gpt2-tiny.json", "configs/gpt2-tiny-12layer.json"]
+    args = SimpleNamespace(output_dir=str(tmp_path), process_index=0, main_process_first=lambda desc: nullcontext(),
+                           max_steps=-1, num_train_epochs=3, per_device_train_batch_size=8, seed=42)
+    (tmp_path / SHAPE_PLAN).write_text(json.dumps({"config_name": ladder[1]}))
+    # collator None: measuring would fail, so the shape can only come from the plan
+    assert plan_phase1_shape(ladder, 100, 256, 6.0, args, False, "checkpoint-250", None) == ladder[1]
+    (tmp_path / SHAPE_PLAN).write_text(json.dumps({"config_name": "configs/gpt2-wide-384.json"}))
+    with pytest.raises(DataError, match="names no shape of shape_ladder"):
+        plan_phase1_shape(ladder, 100, 256, 6.0, args, False, "checkpoint-250", None)

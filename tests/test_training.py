@@ -289,6 +289,26 @@ def test_train_hours_plans_the_run_to_end_decayed_and_saved_within_its_budget(tm
         run_clm.main([str(recipe), "--train_hours", "0", "--output_dir", str(tmp_path / "other")])
 
 
+
+def test_config_name_auto_trains_the_costliest_shape_of_the_ladder_that_fits_train_hours(tmp_path, wiki_jsonl, tiny_config_path):
+    deeper = tmp_path / "tiny-4layer.json"
+    deeper.write_text(json.dumps({**json.loads(tiny_config_path.read_text()), "n_layer": 4}))
+    recipe = _phase1_recipe(tmp_path, wiki_jsonl, tiny_config_path, max_steps=6, eval_on_start=False, eval_steps=100, save_steps=100)
+    ladder = ["--config_name", "auto", "--shape_ladder", str(tiny_config_path), str(deeper)]
+    with pytest.raises(RecipeError, match="config_name auto picks the shape that fills train_hours"):
+        run_clm.main([str(recipe), *ladder])
+    run_clm.main([str(recipe), *ladder, "--train_hours", "100"])  # every shape fits: the deeper one is trained
+    plan = json.loads((tmp_path / "phase1" / "shape_plan.json").read_text())
+    assert plan["config_name"] == str(deeper) and set(plan["seconds_per_token"]) == {str(tiny_config_path), str(deeper)}
+    assert json.loads((tmp_path / "phase1" / "config.json").read_text())["n_layer"] == 4
+    assert "tiny-4layer (config_name auto" in (tmp_path / "phase1" / "README.md").read_text()
+    # A budget nothing fits: the cheapest shape, and the deeper one is never built to be timed.
+    run_clm.main([str(recipe), *ladder, "--train_hours", "1e-9", "--output_dir", str(tmp_path / "short")])
+    plan = json.loads((tmp_path / "short" / "shape_plan.json").read_text())
+    assert plan["config_name"] == str(tiny_config_path) and list(plan["seconds_per_token"]) == [str(tiny_config_path)]
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["n_layer"] == 2
+
+
 HEAP_SCRIPT = """
 import sys, torch
 from trm.training import keep_freed_memory_for_reuse

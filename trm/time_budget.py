@@ -1,5 +1,6 @@
-"""Time budgets: a run that stops when told (`max_train_minutes`), a run planned to end within `train_hours`, and
-phase-2 data sized to fill that budget (`fill_train_hours`).
+"""Time budgets: a run that stops when told (`max_train_minutes`), a run planned to end within `train_hours`,
+the phase-1 model shape chosen to fill that budget (`config_name: auto`), and phase-2 data sized to fill it
+(`fill_train_hours`).
 
 Design decisions:
 - The pace is measured, never assumed: the same recipe runs on a 2-core server, the user's 6-core Zen 2 and a GPU.
@@ -12,8 +13,13 @@ Design decisions:
   budget less `FILL_RESERVE` for evaluations, calibration and the optimizer steps the probe leaves out. Caps are
   only raised: a budget too short for the recipe's mix shortens the run instead (`TrainingTimePlan`); the log
   gives the measured pace, the factor, the caps and the hours planned.
-- The chosen caps are kept in `<output_dir>/data_plan.json` beside `time_plan.json`; a resumed run, and every
-  other process of a multi-process run, reads them instead of measuring again, so all train on the same examples.
+- Phase 1's time is spent on the model, since its data and epochs are capped: `config_name: auto` times a few
+  training passes of each shape of `shape_ladder` (cheapest first) on random blocks of the run's shape, on its
+  device and precision, and takes the costliest whose epochs fit the budget less the same reserve (the cheapest
+  when none does; the time plan then shortens its run). Measuring stops at the first shape that does not fit.
+- A plan is made once, by the main process of a fresh run, and kept in the output directory (`shape_plan.json`,
+  `data_plan.json`, beside `time_plan.json`); a resumed run, and every other process of a multi-process run, reads
+  it instead of measuring again, so all train the same model on the same examples (`shared_plan`).
 """
 
 from __future__ import annotations
@@ -32,12 +38,15 @@ from transformers import TrainerCallback
 
 from data.files import DataError
 from data.sft import training_caps, within_caps
-from models.gpt2 import chunked_lm_loss, use_fused_gelu
+from models.gpt2 import build_model, chunked_lm_loss, use_fused_gelu
 
 logger = logging.getLogger(__name__)
 FILL_RESERVE = 0.15  # share of a filled budget kept for evaluations, calibration and optimizer steps
 DATA_PLAN = "data_plan.json"
-SPARE_TIME_ADVICE = {"pretraining": "a larger model shape fits (README)",
+SHAPE_PLAN = "shape_plan.json"
+SHAPE_LADDER = ("configs/gpt2-tiny.json", "configs/gpt2-tiny-8layer.json", "configs/gpt2-tiny-10layer.json",
+                "configs/gpt2-tiny-12layer.json")  # width 256, deeper and costlier in turn: `config_name: auto` picks one
+SPARE_TIME_ADVICE = {"pretraining": "--config_name auto would spend it on a larger model shape",
                      "instruction_tuning": "--fill_train_hours true would spend it on more data"}
 
 
@@ -163,12 +172,17 @@ def seconds_per_token(model, rows: list[dict], collator, batch_size: int, device
     return seconds / tokens
 
 
+def fill_target_seconds(hours: float) -> float:
+    """The training seconds a filled budget of `hours` may plan: the rest is kept for what probes leave out."""
+    return 3600.0 * hours * (1 - FILL_RESERVE)
+
+
 def caps_filling_budget(caps: dict[str, int | None], available: dict[str, int], tokens_per_question: dict[str, float],
                         epochs: float, pace: float, budget_s: float) -> tuple[dict[str, int | None], float]:
     """Each capped source's cap times the largest common factor (at least 1) whose `epochs` over the kept questions
     take at most the budget less the reserve at `pace` seconds per token; a cap never exceeds what its source has.
     Returns (caps, factor)."""
-    target = budget_s * (1 - FILL_RESERVE)
+    target = fill_target_seconds(budget_s / 3600.0)
 
     def kept(factor: float) -> dict[str, int]:
         return {s: available[s] if caps[s] is None else min(available[s], math.floor(caps[s] * factor)) for s in caps}
@@ -187,25 +201,86 @@ def caps_filling_budget(caps: dict[str, int | None], available: dict[str, int], 
     return {s: None if caps[s] is None else chosen[s] for s in caps}, low
 
 
+def shared_plan(path: Path, make, resume: str | None, training_args, what: str) -> dict:
+    """The JSON plan in `path`: made by `make()` in the main process of a fresh run (or where none was kept), read
+    by a resumed run and by every other process."""
+    if training_args.process_index == 0 and not (resume and path.is_file()):
+        plan = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(plan, indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+    with training_args.main_process_first(desc=what):
+        try:
+            plan = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise DataError(f"{path} holds no {what} ({error}); delete it, or start a fresh --output_dir.") from None
+    if not isinstance(plan, dict):
+        raise DataError(f"{path} holds no {what}; delete it, or start a fresh --output_dir.")
+    return plan
+
+
 def fill_phase2_budget(model, datasets_, report: dict, data_args, hours: float, training_args, bf16: bool,
                        resume: str | None, collator) -> tuple[object, dict]:
     """`fill_train_hours`: the training rows of an uncapped preparation that fill `hours` at this machine's pace,
-    and their report. The main process of a fresh run plans and writes `<output_dir>/data_plan.json`; a resumed
-    run and the other processes read it."""
-    path = Path(training_args.output_dir) / DATA_PLAN
-    if training_args.process_index == 0 and not (resume and path.is_file()):
+    and their report, as planned in `<output_dir>/data_plan.json`."""
+    def make() -> dict:
         caps, account = _plan_caps(model, datasets_["train"], report, data_args, hours, training_args, bf16, collator)
         logger.warning("%s", account)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"caps": caps, "account": account}, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
-    with training_args.main_process_first(desc="phase-2 data plan"):
-        try:
-            caps = json.loads(path.read_text(encoding="utf-8"))["caps"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise DataError(f"{path} holds no phase-2 data plan ({error}); delete it, or start a fresh --output_dir.") from None
-    return within_caps(datasets_, report, caps)
+        return {"caps": caps, "account": account}
+
+    plan = shared_plan(Path(training_args.output_dir) / DATA_PLAN, make, resume, training_args, "phase-2 data plan")
+    if not isinstance(plan.get("caps"), dict):
+        raise DataError(f"{Path(training_args.output_dir) / DATA_PLAN} holds no phase-2 caps; delete it, or start a fresh --output_dir.")
+    return within_caps(datasets_, report, plan["caps"])
+
+
+def costliest_fitting_shape(ladder: list[str], tokens: int, hours: float, pace_of) -> tuple[str, dict[str, float]]:
+    """The last shape of `ladder` (cheapest first) whose `tokens` of training at `pace_of(shape)` seconds per token
+    fit `hours` less `FILL_RESERVE`, or the first when none fits; and the paces measured, which stop at the first
+    shape that does not fit."""
+    target = fill_target_seconds(hours)
+    chosen, paces = ladder[0], {}
+    for shape in ladder:
+        paces[shape] = pace_of(shape)
+        if tokens * paces[shape] > target:
+            break
+        chosen = shape
+    return chosen, paces
+
+
+def plan_phase1_shape(ladder: list[str], train_blocks: int, block_size: int, hours: float, training_args, bf16: bool,
+                      resume: str | None, collator) -> str:
+    """`config_name: auto`: the shape of `ladder` whose whole run (the epochs of `train_blocks`, or `max_steps`)
+    fills `hours` at this machine's pace, as planned in `<output_dir>/shape_plan.json`."""
+    batch_size = training_args.per_device_train_batch_size
+    if training_args.max_steps > 0:
+        tokens = training_args.max_steps * batch_size * training_args.gradient_accumulation_steps * max(1, training_args.world_size) * block_size
+    else:
+        tokens = math.ceil(training_args.num_train_epochs * train_blocks * block_size)
+
+    def pace_of(shape: str) -> float:
+        model = build_model(shape, seed=training_args.seed)
+        generator = torch.Generator().manual_seed(training_args.seed)
+        blocks = torch.randint(0, model.config.vocab_size, (4 * batch_size, block_size), generator=generator)
+        return seconds_per_token(model, [{"input_ids": row} for row in blocks.tolist()], collator, batch_size,
+                                 training_args.device, bf16)
+
+    def make() -> dict:
+        chosen, paces = costliest_fitting_shape(ladder, tokens, hours, pace_of)
+        measured = "; ".join(f"{Path(shape).stem} {1 / pace:,.0f} tokens/s ({tokens * pace / 3600:.2f} h)"
+                             for shape, pace in paces.items())
+        fits = tokens * paces[chosen] <= fill_target_seconds(hours)
+        account = (f"config_name auto: the run trains {tokens:,} tokens; measured here per shape: {measured}; "
+                   + (f"training {chosen}, the costliest that fits the {hours:g} h budget less {FILL_RESERVE:.0%} for evaluations."
+                      if fits else f"none fits the {hours:g} h budget: training {chosen}, the cheapest, for as long as the budget allows."))
+        logger.warning("%s", account)
+        return {"config_name": chosen, "seconds_per_token": paces, "account": account}
+
+    plan = shared_plan(Path(training_args.output_dir) / SHAPE_PLAN, make, resume, training_args, "phase-1 shape plan")
+    if plan.get("config_name") not in ladder:
+        raise DataError(f"{Path(training_args.output_dir) / SHAPE_PLAN} names no shape of shape_ladder; delete it, or start a fresh --output_dir.")
+    return plan["config_name"]
 
 
 def _plan_caps(model, train, report: dict, data_args, hours: float, training_args, bf16: bool, collator) -> tuple[dict, str]:

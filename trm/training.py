@@ -63,10 +63,11 @@ from trm.model_card import write_card
 from trm.optimizers import build_muon_with_adamw
 from trm.precision import PRECISIONS, PrecisionChoice, choose_precision, cpu_bf16_flags
 from trm.recipe import RecipeError
-from trm.time_budget import SPARE_TIME_ADVICE, TimeBudgetCallback, TrainingTimePlan
+from trm.time_budget import SHAPE_LADDER, SPARE_TIME_ADVICE, TimeBudgetCallback, TrainingTimePlan
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
+AUTO_SHAPE = "auto"
 FINAL_LOG = "training_log.json"  # written last by the final save: its presence means the model is complete
 
 
@@ -74,7 +75,8 @@ FINAL_LOG = "training_log.json"  # written last by the final save: its presence 
 class ModelArguments:
     """Which model to train and how (names follow Hugging Face's example scripts)."""
 
-    config_name: str | None = field(default="configs/gpt2-tiny.json", metadata={"help": "GPT2Config JSON (phase 1)."})
+    config_name: str | None = field(default="configs/gpt2-tiny.json", metadata={"help": "GPT2Config JSON (phase 1), or auto: the costliest shape of shape_ladder whose epochs fit train_hours here."})
+    shape_ladder: list[str] = field(default_factory=lambda: list(SHAPE_LADDER), metadata={"help": "Phase 1, config_name auto: the shapes to choose from, cheapest first."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Model directory to start from (phase 2)."})
     base_model_id: str | None = field(default=None, metadata={"help": "Hub id of that model, if published: the card's base_model."})
     tokenizer_name: str | None = field(default="gpt2", metadata={"help": "Always the GPT-2 tokenizer."})
@@ -99,6 +101,11 @@ class ModelArguments:
             raise RecipeError(f"ema_decay must be between 0 and 1, got {self.ema_decay}.")
         if self.train_hours is not None and self.train_hours <= 0:
             raise RecipeError(f"train_hours must be above 0, got {self.train_hours}.")
+        if self.config_name == AUTO_SHAPE and self.train_hours is None:
+            raise RecipeError("config_name auto picks the shape that fills train_hours; set train_hours (make pretrain HOURS=6) "
+                              "or name a config file.")
+        if self.config_name == AUTO_SHAPE and not self.shape_ladder:
+            raise RecipeError("config_name auto needs at least one shape in shape_ladder.")
 
 
 class TrmTrainer(Trainer):
