@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 
 from data.pretraining import PretrainingDataArguments, describe_stats, prepare_pretraining_data
 from data.tokenizer import load_tokenizer
-from models.gpt2 import build_model, parameter_counts
+from models.gpt2 import build_model, load_shape, parameter_counts
 from trm import rules
 from trm.cli import run_main
 from trm.model_card import build_card
@@ -34,13 +34,6 @@ DEFAULTS = {
 }
 
 
-def build_checked_model(config_name: str, model_args: ModelArguments, training_args, block_size: int):
-    model = build_model(config_name, seed=training_args.seed, zero_init_projections=model_args.zero_init_projections)
-    if model.config.n_positions < block_size:
-        raise rules.RuleViolation(f"block_size {block_size} exceeds the model's context {model.config.n_positions} ({config_name}).")
-    return model
-
-
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_recipe(
         (ModelArguments, PretrainingDataArguments, TrainingArguments), argv, defaults=DEFAULTS
@@ -50,9 +43,12 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = model_args.shape_ladder if auto_shape else [model_args.config_name]
     for shape in shapes:
         rules.check_random_init(model_args.model_name_or_path, shape)
+        context = load_shape(shape).n_positions
+        if context < data_args.block_size:
+            raise rules.RuleViolation(f"block_size {data_args.block_size} exceeds the model's context {context} ({shape}).")
     rules.check_tokenizer(model_args.tokenizer_name)
     rules.check_epochs(PHASE, training_args.num_train_epochs)
-    model = build_checked_model(shapes[0], model_args, training_args, data_args.block_size)
+    model = build_model(shapes[0], seed=training_args.seed, zero_init_projections=model_args.zero_init_projections)
     resume = claim_output_dir(training_args)
     precision = settle_precision(model_args, training_args, model, data_args.block_size)
 
@@ -64,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     if auto_shape:
         config_name = plan_phase1_shape(shapes, len(datasets_["train"]), data_args.block_size, model_args.train_hours,
                                         training_args, precision.dtype == "bf16", resume, collator)
-        model = build_checked_model(config_name, model_args, training_args, data_args.block_size)
+        if config_name != shapes[0]:
+            model = build_model(config_name, seed=training_args.seed, zero_init_projections=model_args.zero_init_projections)
     tokenizer = load_tokenizer(model_max_length=data_args.block_size)
     model.generation_config = default_generation_config(tokenizer)
     counts = parameter_counts(model)

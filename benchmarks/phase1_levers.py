@@ -45,6 +45,7 @@ LEVERS = {
     "z_loss_1e-4": ["--z_loss_weight", "1e-4"],
     "ema_0.999": ["--ema_decay", "0.999"],
     "lr_2e-3": ["--learning_rate", "2e-3"],
+    "lr_4e-3": ["--learning_rate", "4e-3"],
 }
 
 

@@ -33,14 +33,19 @@ IGNORE_INDEX = -100
 DEFAULT_LOSS_CHUNK_ROWS = 512
 
 
+def load_shape(config_name: str | Path) -> GPT2Config:
+    """The GPT2Config in `config_name` (a JSON file)."""
+    path = Path(config_name)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} not found; pick one of configs/*.json.")
+    return GPT2Config.from_json_file(str(path))
+
+
 def build_model(config_name: str | Path, seed: int | None = None, zero_init_projections: bool = False) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 of the shape in `config_name` (a GPT2Config JSON file); `zero_init_projections`
     starts every block's attention and MLP output projection at zero (each block begins as the identity), as
     modded-nanogpt does. The model stays a plain `GPT2LMHeadModel`: only its starting values differ."""
-    path = Path(config_name)
-    if not path.is_file():
-        raise FileNotFoundError(f"model config {path} not found; pick one of configs/*.json.")
-    config = GPT2Config.from_json_file(str(path))
+    config = load_shape(config_name)
     config.n_ctx = config.n_positions  # saved with the model: llama.cpp's GGUF converter reads the context as n_ctx
     if seed is not None:
         torch.manual_seed(seed)

@@ -297,6 +297,9 @@ def test_config_name_auto_trains_the_costliest_shape_of_the_ladder_that_fits_tra
     ladder = ["--config_name", "auto", "--shape_ladder", str(tiny_config_path), str(deeper)]
     with pytest.raises(RecipeError, match="config_name auto picks the shape that fills train_hours"):
         run_clm.main([str(recipe), *ladder])
+    with pytest.raises(FileNotFoundError, match="missing.json not found"):  # every shape is checked before any work
+        run_clm.main([str(recipe), *ladder, str(tmp_path / "missing.json"), "--train_hours", "100"])
+    assert not (tmp_path / "phase1").exists()
     run_clm.main([str(recipe), *ladder, "--train_hours", "100"])  # every shape fits: the deeper one is trained
     plan = json.loads((tmp_path / "phase1" / "shape_plan.json").read_text())
     assert plan["config_name"] == str(deeper) and set(plan["seconds_per_token"]) == {str(tiny_config_path), str(deeper)}
