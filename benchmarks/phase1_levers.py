@@ -44,6 +44,7 @@ LEVERS = {
     "zero_init_projections": ["--zero_init_projections", "true"],
     "z_loss_1e-4": ["--z_loss_weight", "1e-4"],
     "ema_0.999": ["--ema_decay", "0.999"],
+    "lr_1e-3": ["--learning_rate", "1e-3"],  # the rate before 2e-3 became the recipe's
     "lr_2e-3": ["--learning_rate", "2e-3"],
     "lr_4e-3": ["--learning_rate", "4e-3"],
 }
