@@ -29,6 +29,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.activations import GELUTanh, NewGELUActivation
 
+from data.files import DataError
+
 IGNORE_INDEX = -100
 DEFAULT_LOSS_CHUNK_ROWS = 512
 
@@ -38,7 +40,10 @@ def load_shape(config_name: str | Path) -> GPT2Config:
     path = Path(config_name)
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} not found; pick one of configs/*.json.")
-    return GPT2Config.from_json_file(str(path))
+    try:
+        return GPT2Config.from_json_file(str(path))
+    except (ValueError, TypeError, UnicodeDecodeError) as error:  # malformed JSON, or not an object of config keys
+        raise DataError(f"model config {path} is not a GPT2Config JSON object ({error}); fix it or pick one of configs/*.json.") from None
 
 
 def build_model(config_name: str | Path, seed: int | None = None, zero_init_projections: bool = False) -> GPT2LMHeadModel:

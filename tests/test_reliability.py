@@ -199,6 +199,11 @@ def test_a_block_size_beyond_the_context_is_refused_before_data_preparation(tmp_
     with pytest.raises(RuleViolation, match="block_size 1024 exceeds the model's context 64"):
         run_clm.main([str(recipe)])
     assert not (tmp_path / "cache").exists()
+    for text in ('{"n_layer": 2,', "[1, 2]"):  # malformed JSON; JSON that is no object of config keys
+        (tmp_path / "broken.json").write_text(text)
+        with pytest.raises(DataError, match="broken.json is not a GPT2Config JSON object"):
+            run_clm.main([str(recipe), "--config_name", str(tmp_path / "broken.json"), "--block_size", "32"])
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
 def test_make_push_uploads_the_model_and_never_the_pickled_training_state():
