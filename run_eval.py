@@ -22,7 +22,7 @@ from data.files import DataError
 from trm.blimp import blimp_evaluation
 from trm.cli import run_main
 from trm.evaluation import (
-    blocks_perplexity, calibrate_no_answer, copying_loss, instruction_evaluation, squad_evaluation, text_blocks,
+    PRIOR_WEIGHTS, blocks_perplexity, calibrate_grounding, copying_loss, instruction_evaluation, squad_evaluation, text_blocks,
 )
 from trm.grounded import GroundedSettings
 from trm.model_card import add_results, evaluation_results
@@ -45,14 +45,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decoding", choices=("free", "grounded", "both"), default="both",
                         help="SQuAD answers generated freely, as passage spans (trm/grounded.py), or both side by side")
     parser.add_argument("--calibrate_no_answer", metavar="SQUAD_V2_FILE",
-                        help="calibrate grounded decoding's no-answer threshold on this file and store it with the model")
+                        help="calibrate grounded decoding on this file (its prior weight, then its no-answer threshold) "
+                             "and store both with the model")
     parser.add_argument("--calibration_min_no_answer", type=float, default=None,
                         help="calibrate for abstaining on at least this share of the unanswerable questions (e.g. 0.7, what "
                              "phase 2 stores) and answering as much as possible otherwise; default: the F1-optimal threshold")
     parser.add_argument("--no_answer_threshold", type=float, default=None,
                         help="override the stored threshold of grounded decoding")
     parser.add_argument("--prior_weight", type=float, default=None,
-                        help="grounded decoding's prior weight (0.5: SQuAD v1.1 F1 12.1 -> 14.5 at 2.4x the time)")
+                        help="override grounded decoding's prior weight (stored by calibration; else 0.5; 0 = off, faster)")
     parser.add_argument("--instructions_file", default=None, help=f"one instruction per line (default: {DEFAULT_INSTRUCTIONS.name})")
     parser.add_argument("--limit", type=int, default=None, help="at most this many documents / questions per set")
     parser.add_argument("--max_new_tokens", type=int, default=None,
@@ -113,13 +114,15 @@ def main(argv=None) -> dict:
         rows += [("blimp", field, f"{accuracy:.2f}") for field, accuracy in report["blimp"]["fields"].items()]
 
     if args.calibrate_no_answer:
-        settings = GroundedSettings.for_model(args.model_name_or_path, prior_weight=args.prior_weight)
-        calibration = calibrate_no_answer(model, tokenizer, args.calibrate_no_answer, args.limit, settings,
-                                          args.calibration_min_no_answer)
-        settings.no_answer_threshold = calibration["no_answer_threshold"]
+        settings = GroundedSettings.for_model(args.model_name_or_path)
+        calibration = calibrate_grounding(model, tokenizer, args.calibrate_no_answer, args.limit, settings,
+                                          args.calibration_min_no_answer,
+                                          PRIOR_WEIGHTS if args.prior_weight is None else (args.prior_weight,))
+        settings.no_answer_threshold, settings.prior_weight = calibration["no_answer_threshold"], calibration["prior_weight"]
         stored = settings.save(args.model_name_or_path)
         report["calibration"] = {**calibration, "file": args.calibrate_no_answer, "stored_in": str(stored)}
-        rows += [("calibration", "threshold", f"{settings.no_answer_threshold:.3f}"),
+        rows += [("calibration", "prior weight", f"{settings.prior_weight:g}"),
+                 ("calibration", "threshold", f"{settings.no_answer_threshold:.3f}"),
                  ("calibration", "F1 at threshold", f"{calibration['f1_at_threshold']:.2f}")]
         write_json_atomically(report_path, report)
 

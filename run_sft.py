@@ -20,7 +20,7 @@ from trm import rules
 from trm.cli import run_main
 from trm.model_card import base_model_datasets, build_card
 from data.files import DataError
-from trm.evaluation import calibrate_no_answer_on
+from trm.evaluation import calibrate_grounding_on
 from trm.generation import from_pretrained
 from trm.grounded import GROUNDING_FILE, GroundedSettings
 from trm.recipe import RecipeError, parse_recipe
@@ -51,23 +51,25 @@ def load_phase1_model(path: str | None):
 
 
 def calibrated_grounding(trainer, tokenizer, datasets_, data_args: SftDataArguments, metrics: dict) -> dict[str, str]:
-    """The no-answer threshold calibrated on held-out SQuAD v2.0 questions (articles never trained on), as the
-    model's `grounding.json`: `make ask`, chat and `make serve` answer at that operating point out of the box."""
+    """Grounded decoding's prior weight and no-answer threshold, calibrated on held-out SQuAD v2.0 questions (articles
+    never trained on), as the model's `grounding.json`: `make ask`, chat and `make serve` answer at that operating
+    point out of the box."""
     if "calibration" not in datasets_ or not trainer.is_world_process_zero():
         return {}
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     rows = [dict(row) for row in datasets_["calibration"]]
     try:
-        calibration = calibrate_no_answer_on(model, tokenizer, rows, GroundedSettings(), "the held-out SQuAD v2.0 questions",
+        calibration = calibrate_grounding_on(model, tokenizer, rows, GroundedSettings(), "the held-out SQuAD v2.0 questions",
                                              data_args.calibration_min_no_answer)
     except DataError as error:
         logger.warning("no-answer threshold not calibrated: %s", error)
         return {}
     metrics.update({f"calibration_{key}": value for key, value in calibration.items()})
-    logger.info("no-answer threshold %.3f, calibrated on %d held-out SQuAD v2.0 questions: grounded F1 %.1f there, %.0f%% of the "
-                "unanswerable ones abstained on, %.0f%% of all answered", calibration["no_answer_threshold"], calibration["questions"],
+    logger.info("prior weight %g and no-answer threshold %.3f, calibrated on %d held-out SQuAD v2.0 questions: grounded F1 %.1f "
+                "there, %.0f%% of the unanswerable ones abstained on, %.0f%% of all answered", calibration["prior_weight"],
+                calibration["no_answer_threshold"], calibration["questions"],
                 calibration["f1_at_threshold"], calibration["no_answer_share"], calibration["answered_share"])
-    settings = GroundedSettings(no_answer_threshold=calibration["no_answer_threshold"])
+    settings = GroundedSettings(no_answer_threshold=calibration["no_answer_threshold"], prior_weight=calibration["prior_weight"])
     return {GROUNDING_FILE: settings.to_json()}
 
 
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
             "per source": ", ".join(f"{s} {metrics[f'eval_{s}_loss']:.3f}" for s in report if f"eval_{s}_loss" in metrics),
             "reading-comprehension layout": data_args.squad_layout,
             "abstention-aware SQuAD v2.0 instruction": data_args.squad_abstain_instruction,
-            **({"no-answer threshold (grounding.json)": (
+            **({"grounded decoding (grounding.json)": (
+                f"prior weight {metrics['calibration_prior_weight']:g}, no-answer threshold "
                 f"{metrics['calibration_no_answer_threshold']:.3f}, calibrated on {metrics['calibration_questions']} held-out "
                 f"SQuAD v2.0 questions (F1 {metrics['calibration_f1_at_threshold']:.1f}, "
                 f"{metrics['calibration_no_answer_share']:.0f}% of the unanswerable abstained on, "

@@ -4,7 +4,8 @@
     python benchmarks/grounded_squad.py MODEL_DIR --squad_file unseen-v1.1.json --squad_v2_file unseen-v2.0.json
 
 - SQuAD v1.1: free greedy decoding vs grounded decoding that always answers with a span (no question is
-  unanswerable there), with the mean seconds per question of each on this machine.
+  unanswerable there), with the mean seconds per question of each on this machine; with a prior weight, also
+  the F1 at each weight calibration chooses from, and at the weight chosen on the other half of the articles.
 - SQuAD v2.0: free decoding; grounded with margin 0 (the likelier of best span and no-answer reply wins);
   grounded with the no-answer threshold calibrated the SQuAD 2.0 way (best F1), and calibrated for the
   best HasAns F1 that still abstains on >= 70% of unanswerable questions. Both are cross-fitted by
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.prompt_format import NO_ANSWER_REPLY  # noqa: E402
 from run_eval import write_json_atomically  # noqa: E402
-from trm.evaluation import free_squad_answer, best_f1, grounded_squad_answers, squad_questions  # noqa: E402
+from trm.evaluation import (  # noqa: E402
+    PRIOR_WEIGHTS, best_f1, free_squad_answer, grounded_squad_answers, grounded_squad_scores, squad_questions,
+)
 from trm.generation import load_model  # noqa: E402
 from trm.grounded import GroundedSettings, calibrate_no_answer_threshold  # noqa: E402
 from trm.metrics.squad.squad import exact_match  # noqa: E402
@@ -75,11 +79,29 @@ def main() -> None:
 
     rows = squad_questions(args.squad_file, args.limit)
     free_predictions, free_seconds = timed(lambda row: free(row, False), rows)
-    grounded_answers, grounded_seconds = timed(lambda row: grounded(row, False), rows)
+    always = replace(settings, allow_no_answer=False)
+    scored, grounded_seconds = timed(lambda row: grounded_squad_scores(model, tokenizer, [row], always)[0], rows)
     report["v1.1"] = {"free": {**scores(free_predictions, rows), "seconds_per_question": free_seconds},
-                      "grounded": {**scores([a.answer if a else "" for a in grounded_answers], rows),
+                      "grounded": {**scores([s.answer(always).answer if s else "" for s in scored], rows),
                                    "seconds_per_question": grounded_seconds}}
-    table += [("SQuAD v1.1", "free (greedy)", report["v1.1"]["free"]), ("SQuAD v1.1", "grounded (always a span)", report["v1.1"]["grounded"])]
+    table += [("SQuAD v1.1", "free (greedy)", report["v1.1"]["free"]),
+              ("SQuAD v1.1", f"grounded (always a span), prior weight {settings.prior_weight:g}", report["v1.1"]["grounded"])]
+    if settings.prior_weight:  # the rescored spans carry their priors: every weight can be judged from this one pass
+        kept = [(s, r) for s, r in zip(scored, rows) if s is not None]
+
+        def span_f1(pairs, weight):
+            return sum(best_f1(s.answer(always, weight).span, r["answers"]) for s, r in pairs)
+
+        report["v1.1"]["f1_by_prior_weight"] = {str(w): 100.0 * span_f1(kept, w) / len(rows) for w in PRIOR_WEIGHTS}
+        titles = sorted({r["title"] for _, r in kept})
+        folds = [set(titles[0::2]), set(titles[1::2])]
+        chosen = {n: max(PRIOR_WEIGHTS, key=lambda w: span_f1([(s, r) for s, r in kept if r["title"] not in fold], w))
+                  for n, fold in enumerate(folds)}
+        fold_of = {t: n for n, fold in enumerate(folds) for t in fold}
+        name = "grounded, prior weight chosen on the other articles"
+        report["v1.1"][name] = {**scores([s.answer(always, chosen[fold_of[r["title"]]]).span for s, r in kept], [r for _, r in kept]),
+                                "folds": [sorted(f) for f in folds], "weights": chosen}
+        table.append(("SQuAD v1.1", f"{name} ({', '.join(f'{w:g}' for w in chosen.values())})", report["v1.1"][name]))
 
     if not args.v1_only:
         rows = squad_questions(args.squad_v2_file, args.limit, "squad_v2")

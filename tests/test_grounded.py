@@ -57,7 +57,7 @@ def test_scores_are_the_model_likelihood_and_the_best_span_wins(tokenizer):
     passage = "The Rhine ends in Hoek van Holland, near Rotterdam."
     question = "Where does the Rhine end?"
     model = _random_model(seed=1)
-    config = GroundedSettings(max_answer_tokens=8, start_candidates=100)
+    config = GroundedSettings(max_answer_tokens=8, start_candidates=100, prior_weight=0.0)
     answer = answer_from_passage(model, tokenizer, passage, question, config)
     assert answer.span_score == pytest.approx(_reply_logprob(model, tokenizer, passage, question, answer.span), abs=1e-3)
     assert answer.no_answer_score == pytest.approx(_reply_logprob(model, tokenizer, passage, question, NO_ANSWER_REPLY), abs=1e-3)
@@ -68,6 +68,39 @@ def test_scores_are_the_model_likelihood_and_the_best_span_wins(tokenizer):
     best = max(_reply_logprob(model, tokenizer, passage, question, span) for span in spans
                if len(tokenizer(" " + span)["input_ids"]) <= config.max_answer_tokens)
     assert answer.span_score == pytest.approx(best, abs=1e-3)
+
+
+def test_the_prior_subtracts_each_replys_likelihood_without_the_question(tokenizer, monkeypatch):
+    import trm.grounded
+
+    passage = "The Rhine ends in Hoek van Holland, near Rotterdam."
+    question = "Where does the Rhine end?"
+    model = _random_model(seed=4)
+
+    def combined(reply: str, weight: float) -> float:
+        return (_reply_logprob(model, tokenizer, passage, question, reply)
+                - weight * _reply_logprob(model, tokenizer, passage, "", reply))
+
+    monkeypatch.setattr(trm.grounded, "PRIOR_RESCORED_SPANS", 1000)  # every span rescored: brute force can check the choice
+    words = passage.split()
+    spans = {" ".join(words[i:j]).rstrip(",.") for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
+    spans |= {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
+    chosen = {}
+    for weight in (0.5, 1.0):
+        config = GroundedSettings(max_answer_tokens=8, start_candidates=100, prior_weight=weight)
+        answer = answer_from_passage(model, tokenizer, passage, question, config)
+        assert answer.span_score == pytest.approx(combined(answer.span, weight), abs=1e-3)
+        assert answer.no_answer_score == pytest.approx(combined(NO_ANSWER_REPLY, weight), abs=1e-3)
+        best = max(combined(span, weight) for span in spans if len(tokenizer(" " + span)["input_ids"]) <= 8)
+        assert answer.span_score == pytest.approx(best, abs=1e-3)
+        chosen[weight] = answer.span
+    # Rescoring only the best few spans by the question's score keeps the best of those.
+    monkeypatch.setattr(trm.grounded, "PRIOR_RESCORED_SPANS", 2)
+    wide = GroundedSettings(max_answer_tokens=8, start_candidates=100)
+    scored = trm.grounded.score_replies(model, tokenizer, passage, question, wide)
+    assert len(scored.spans) == 2
+    plain = answer_from_passage(model, tokenizer, passage, question, GroundedSettings(**{**vars(wide), "prior_weight": 0.0}))
+    assert scored.answer(wide, prior_weight=0.0).span == plain.span
 
 
 def test_the_threshold_decides_between_span_and_abstention(tokenizer):
@@ -111,6 +144,27 @@ def test_calibration_picks_the_threshold_that_maximises_f1():
     # Equal margins are decided together: the threshold cannot split them.
     threshold, _ = calibrate_no_answer_threshold([0.0, 0.0], [0.0, 0.0], [False, True])
     assert threshold in (-1.0, 0.0)
+
+
+def test_calibration_chooses_the_smallest_prior_weight_with_the_best_spans_then_its_threshold(monkeypatch):
+    import trm.evaluation
+    from trm.grounded import ScoredReplies
+
+    # Question 1: "Basel" is likelier, but also likelier without the question; above a weight of 1/6 the answer
+    # "Hoek van Holland" wins. Question 2 has no answer.
+    scored = [ScoredReplies([("Basel", 0, -1.0, -0.5, 2), ("Hoek van Holland", 10, -1.5, -3.5, 4)], (-2.0, -1.0, 12)),
+              ScoredReplies([("Oxygen", 0, -3.0, -1.0, 2)], (-1.0, -2.0, 12))]
+    rows = [{"context": "", "question": "", "answers": ["Hoek van Holland"]}, {"context": "", "question": "", "answers": []}]
+    monkeypatch.setattr(trm.evaluation, "grounded_squad_scores", lambda *args, **kwargs: scored)
+    result = trm.evaluation.calibrate_grounding_on(None, None, rows, GroundedSettings(), "toy")
+    assert result["has_answer_span_f1_by_prior_weight"] == {"0.0": 0.0, "0.25": 100.0, "0.5": 100.0, "0.75": 100.0, "1.0": 100.0}
+    assert result["prior_weight"] == 0.25
+    # The threshold is then calibrated on the margins at that weight: answer 1, abstain on 2 (F1 100).
+    margins = [(-1.5 + 0.25 * 3.5) - (-2.0 + 0.25 * 1.0), (-3.0 + 0.25 * 1.0) - (-1.0 + 0.25 * 2.0)]
+    assert result["no_answer_threshold"] == calibrate_no_answer_threshold(margins, [1.0, 0.0], [True, False])[0]
+    assert result["f1_at_threshold"] == 100.0 and result["answered_share"] == 50.0
+    # A fixed weight (run_eval --prior_weight) is not chosen: it is kept.
+    assert trm.evaluation.calibrate_grounding_on(None, None, rows, GroundedSettings(), "toy", prior_weights=(0.0,))["prior_weight"] == 0.0
 
 
 def test_spans_start_and_end_at_whole_words(tokenizer):

@@ -206,7 +206,7 @@ def test_phase2_calibrates_its_no_answer_threshold_on_held_out_squad_v2_articles
     from test_sft_data import _squad_articles
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from trm.evaluation import calibrate_no_answer_on
+    from trm.evaluation import calibrate_grounding_on
     from trm.generation import load_model
     from trm.grounded import GroundedSettings
 
@@ -221,6 +221,7 @@ def test_phase2_calibrates_its_no_answer_threshold_on_held_out_squad_v2_articles
     output_dir = tmp_path / "phase2"
     stored = GroundedSettings.for_model(output_dir)
     assert stored.no_answer_threshold == metrics["calibration_no_answer_threshold"]
+    assert stored.prior_weight == metrics["calibration_prior_weight"]
     assert metrics["calibration_questions"] >= 6 and 0 <= metrics["calibration_answered_share"] <= 100
     # The stored threshold is the one that maximises F1 on those held-out questions for the saved model.
     from data.sft import SftDataArguments, prepare_sft_data
@@ -231,10 +232,11 @@ def test_phase2_calibrates_its_no_answer_threshold_on_held_out_squad_v2_articles
                             data_cache_dir=str(tmp_path / "cache"))
     rows = [dict(row) for row in prepare_sft_data(args, load_tokenizer(model_max_length=128))[0]["calibration"]]
     model, tokenizer = load_model(output_dir)
-    again = calibrate_no_answer_on(model, tokenizer, rows, GroundedSettings(), "held out", min_no_answer=0.7)
+    again = calibrate_grounding_on(model, tokenizer, rows, GroundedSettings(), "held out", min_no_answer=0.7)
     assert again["no_answer_share"] >= 70.0  # the operating point phase 2 stores
     assert again["no_answer_threshold"] == pytest.approx(stored.no_answer_threshold, abs=1e-4)
-    assert "no-answer threshold (grounding.json)" in (output_dir / "README.md").read_text()
+    assert again["prior_weight"] == stored.prior_weight
+    assert "grounded decoding (grounding.json)" in (output_dir / "README.md").read_text()
 
 
 def test_phase1_stops_early_when_validation_loss_stops_improving(tmp_path, wiki_jsonl, tiny_config_path):

@@ -11,8 +11,9 @@ Design decisions:
   are cut from the start (the answer position is unknown at test time). A question too long to fit even
   without its passage is counted and scored as unanswered. A reply equal to the fixed no-answer reply
   counts as "no answer". Scores come from the local `evaluate` metric in `trm/metrics/squad`, offline.
-- SQuAD is scored with free greedy generation or with grounded decoding (`trm.grounded`); the no-answer
-  threshold of grounded decoding is calibrated on a SQuAD v2.0 file by `calibrate_no_answer`.
+- SQuAD is scored with free greedy generation or with grounded decoding (`trm.grounded`); its operating point
+  (prior weight, then no-answer threshold) is calibrated on SQuAD v2.0 questions by `calibrate_grounding_on`,
+  every weight judged from one scoring pass per question.
 - Instruction following: each fixed instruction is answered greedily; a reply "in format" is non-empty,
   ends with `<|endoftext|>` by itself and does not start another turn. Prompt plus reply never exceed
   the context: an instruction too long for it is counted in the report instead of crashing the run.
@@ -21,6 +22,7 @@ Design decisions:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +38,12 @@ from data.prompt_format import (
 from models.gpt2 import chunked_lm_loss
 from trm.generation import SamplingSettings, fit_history, generate_reply
 from trm.grounded import (
-    GroundedAnswer, GroundedSettings, answer_from_passages, calibrate_no_answer_threshold, fit_to_context,
+    GroundedAnswer, GroundedSettings, ScoredReplies, calibrate_no_answer_threshold, fit_to_context, score_passage_replies,
 )
 from trm.metrics.squad.squad import f1 as squad_f1
 
 SQUAD_METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "squad"
+PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # grounded decoding's prior weights that calibration chooses from
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
@@ -132,13 +135,15 @@ def squad_questions(path: str, limit: int | None, source: str = "squad") -> list
     return rows
 
 
+def grounded_squad_scores(model, tokenizer, rows: list[dict], settings: GroundedSettings,
+                          with_prior: bool | None = None) -> list[ScoredReplies | None]:
+    """The scored replies to SQuAD rows; None for a question too long to fit the context with any passage."""
+    return [score_passage_replies(model, tokenizer, row["context"], row["question"], settings, with_prior) for row in rows]
+
+
 def grounded_squad_answers(model, tokenizer, rows: list[dict], settings: GroundedSettings) -> list[GroundedAnswer | None]:
     """Grounded answers to SQuAD rows; None for a question too long to fit the context with any passage."""
-    answers = []
-    for row in rows:
-        chosen = answer_from_passages(model, tokenizer, [row["context"]], row["question"], settings)
-        answers.append(None if chosen is None else chosen[1])
-    return answers
+    return [None if scored is None else scored.answer(settings) for scored in grounded_squad_scores(model, tokenizer, rows, settings)]
 
 
 def best_f1(prediction: str, references: list[str]) -> float:
@@ -181,29 +186,38 @@ def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: s
             "answered_f1": 100.0 * sum(answered) / len(answered) if answered else None, "examples": examples}
 
 
-def calibrate_no_answer(model, tokenizer, path: str, limit: int | None, settings: GroundedSettings,
-                        min_no_answer: float | None = None) -> dict:
-    """Grounded answers on a SQuAD v2.0 file, then the no-answer threshold for them (`calibrate_no_answer_on`)."""
-    return calibrate_no_answer_on(model, tokenizer, squad_questions(path, limit, "squad_v2"), settings, path, min_no_answer)
+def calibrate_grounding(model, tokenizer, path: str, limit: int | None, settings: GroundedSettings,
+                        min_no_answer: float | None = None, prior_weights: tuple[float, ...] = PRIOR_WEIGHTS) -> dict:
+    """Grounded answers on a SQuAD v2.0 file, then the prior weight and no-answer threshold for them."""
+    return calibrate_grounding_on(model, tokenizer, squad_questions(path, limit, "squad_v2"), settings, path, min_no_answer,
+                                  prior_weights)
 
 
-def calibrate_no_answer_on(model, tokenizer, rows: list[dict], settings: GroundedSettings, name: str,
-                           min_no_answer: float | None = None) -> dict:
-    """The no-answer threshold that maximises the grounded F1 of SQuAD v2.0 rows (`context`, `question`, `answers`),
-    or, with `min_no_answer`, the one that answers most while abstaining on that share of the unanswerable ones."""
-    answers = grounded_squad_answers(model, tokenizer, rows, settings)
-    scored = [(a, row) for a, row in zip(answers, rows) if a is not None]
+def calibrate_grounding_on(model, tokenizer, rows: list[dict], settings: GroundedSettings, name: str,
+                           min_no_answer: float | None = None, prior_weights: tuple[float, ...] = PRIOR_WEIGHTS) -> dict:
+    """Grounded decoding's operating point on SQuAD v2.0 rows (`context`, `question`, `answers`): the prior weight
+    of `prior_weights` whose best spans score the highest F1 on the answerable rows (ties: the smaller weight,
+    the cheaper one at 0), then the no-answer threshold at that weight that maximises F1, or, with
+    `min_no_answer`, the one that answers most while abstaining on that share of the unanswerable rows."""
+    scored = [(s, row) for s, row in zip(grounded_squad_scores(model, tokenizer, rows, settings, with_prior=any(prior_weights)), rows)
+              if s is not None]
     if not any(row["answers"] for _, row in scored) or all(row["answers"] for _, row in scored):
         raise DataError(f"{name}: calibration needs answerable and unanswerable questions (SQuAD v2.0).")
+    always = replace(settings, allow_no_answer=False)
+    span_f1_by_weight = {weight: 100.0 * sum(best_f1(s.answer(always, weight).span, row["answers"]) for s, row in scored if row["answers"])
+                         / sum(bool(row["answers"]) for _, row in scored) for weight in prior_weights}
+    weight = max(prior_weights, key=lambda w: span_f1_by_weight[w])
+    answers = [(s.answer(settings, weight), row) for s, row in scored]
     threshold, _ = calibrate_no_answer_threshold(
-        [a.margin for a, _ in scored], [best_f1(a.span, row["answers"]) for a, row in scored],
-        [bool(row["answers"]) for _, row in scored], min_no_answer)
-    answered = [a.margin > threshold for a, _ in scored]
-    f1 = [best_f1(a.span, row["answers"]) if ok else float(not row["answers"]) for ok, (a, row) in zip(answered, scored)]
-    unanswerable = [ok for ok, (_, row) in zip(answered, scored) if not row["answers"]]
-    return {"questions": len(scored), "no_answer_threshold": threshold, "f1_at_threshold": 100.0 * sum(f1) / len(scored),
-            "no_answer_share": 100.0 * unanswerable.count(False) / len(unanswerable),
-            "answered_share": 100.0 * sum(answered) / len(scored), "min_no_answer": min_no_answer}
+        [a.margin for a, _ in answers], [best_f1(a.span, row["answers"]) for a, row in answers],
+        [bool(row["answers"]) for _, row in answers], min_no_answer)
+    answered = [a.margin > threshold for a, _ in answers]
+    f1 = [best_f1(a.span, row["answers"]) if ok else float(not row["answers"]) for ok, (a, row) in zip(answered, answers)]
+    unanswerable = [ok for ok, (_, row) in zip(answered, answers) if not row["answers"]]
+    return {"questions": len(answers), "prior_weight": weight, "no_answer_threshold": threshold,
+            "f1_at_threshold": 100.0 * sum(f1) / len(answers), "no_answer_share": 100.0 * unanswerable.count(False) / len(unanswerable),
+            "answered_share": 100.0 * sum(answered) / len(answers), "min_no_answer": min_no_answer,
+            "has_answer_span_f1_by_prior_weight": {str(w): round(v, 2) for w, v in span_f1_by_weight.items()}}
 
 
 def instruction_evaluation(model, tokenizer, instructions: list[str], max_new_tokens: int = 128) -> dict:

@@ -10,11 +10,15 @@ Design decisions:
 - One forward pass over the prompt fills the KV cache and gives the first reply token's distribution;
   the `start_candidates` most probable word starts are then extended together as one batch of
   `max_answer_tokens` tokens over the shared cache (plus one row for the no-answer reply). Two forward
-  passes per question, whatever the passage length (1.7x the time of free greedy decoding here,
-  `benchmarks/grounded_squad.py`: the batched pass projects ~400 positions onto the vocabulary).
-- Options, off by default and measured there: `prior_weight` subtracts that share of each reply's score
-  under the same passage with an empty question (the model's taste for a reply whatever is asked), at
-  twice the cost; `length_penalty` divides scores by length**penalty, as beam search does.
+  passes per question, whatever the passage length (~2x the time of free greedy decoding here,
+  `benchmarks/grounded_squad.py`: the batched pass projects ~400 positions onto the vocabulary; padding
+  positions of shorter rows are not projected).
+- `prior_weight` subtracts that share of each reply's score under the same passage with an empty question
+  (the model's taste for a reply whatever is asked: surface-form competition). Only the best
+  `PRIOR_RESCORED_SPANS` spans by the question's score are rescored, so the prior costs one more prompt pass
+  and one short batch (~1.4x plain grounded decoding). Phase 2 chooses the weight with the threshold on its held-out questions
+  (`trm.evaluation.calibrate_grounding_on`); 0.5 without a stored choice (measured in docs/measurements.md).
+  `length_penalty` (off) divides scores by length**penalty, as beam search does.
 - Abstention follows SQuAD 2.0 practice: answer when the best span's score beats the no-answer reply's
   by more than a threshold calibrated on a validation split (`calibrate_no_answer_threshold`) and stored
   beside the model (`grounding.json`). Without a stored threshold the margin is 0: the likelier reply wins.
@@ -37,6 +41,7 @@ from data.prompt_format import (
 from data.sft import fit_passage
 
 GROUNDING_FILE = "grounding.json"
+PRIOR_RESCORED_SPANS = 16  # spans rescored by their prior: the best by the question's score
 WORD_START = "\u0120"  # the byte-level BPE mark of a leading space
 
 
@@ -45,7 +50,7 @@ class GroundedSettings:
     max_answer_tokens: int = 16
     start_candidates: int = 24
     length_penalty: float = 0.0
-    prior_weight: float = 0.0
+    prior_weight: float = 0.5
     no_answer_threshold: float = 0.0
     allow_no_answer: bool = True
 
@@ -91,7 +96,7 @@ class GroundedAnswer:
     answer: str                 # the span, or NO_ANSWER_REPLY
     answered: bool
     span: str                   # the best span even when the reply abstains
-    span_score: float           # summed log-probability of " {span}<|endoftext|>"
+    span_score: float           # log P(" {span}<|endoftext|>" | prompt), less prior_weight x its prior, per length**penalty
     no_answer_score: float      # the same for the no-answer reply
     char_start: int             # position of the best span in the passage (-1 if none)
 
@@ -123,29 +128,59 @@ def _first_reply_token(model, prompt_ids: list[int]):
 
 
 def _ended_reply_scores(model, first, cache, prompt_length: int, rows: list[list[int]], eos: int) -> list[list[float]]:
-    """For each row of reply tokens and each k: log P(row[:k+1] + <|endoftext|> | prompt), in one batched pass."""
+    """For each row of reply tokens and each k: log P(row[:k+1] + <|endoftext|> | prompt), in one batched pass.
+    Only the rows' own positions are projected onto the vocabulary, not the padding of shorter rows."""
     width = max(len(row) for row in rows)
-    batch = torch.full((len(rows), width), eos, dtype=torch.long)
+    batch = torch.full((len(rows), width + 1), eos, dtype=torch.long)
     for r, row in enumerate(rows):
         batch[r, : len(row)] = torch.tensor(row)
     cache.batch_repeat_interleave(len(rows))
     attention_mask = torch.ones(len(rows), prompt_length + width, dtype=torch.long)  # padding only trails the rows
-    output = model(batch.to(model.device), attention_mask=attention_mask.to(model.device), cache=cache, use_cache=True)
-    logprobs = torch.log_softmax(output.logits.float(), dim=-1).cpu()
-    scores = []
-    for r, row in enumerate(rows):
-        cumulative, ended = float(first[row[0]]), []
+    hidden = model.transformer(batch[:, :width].to(model.device), attention_mask=attention_mask.to(model.device), cache=cache,
+                               use_cache=True).last_hidden_state
+    own = torch.arange(width)[None, :] < torch.tensor([len(row) for row in rows])[:, None]
+    logprobs = torch.log_softmax(model.lm_head(hidden[own.to(hidden.device)]).float(), dim=-1).cpu()
+    following = logprobs.gather(1, batch[:, 1:][own][:, None])[:, 0].tolist()  # log P(row[k+1]) at position k
+    ended = logprobs[:, eos].tolist()
+    scores, position = [], 0
+    for row in rows:
+        cumulative, row_scores = float(first[row[0]]), []
         for k in range(len(row)):
-            if k > 0:
-                cumulative += float(logprobs[r, k - 1, row[k]])
-            ended.append(cumulative + float(logprobs[r, k, eos]))
-        scores.append(ended)
+            row_scores.append(cumulative + ended[position + k])
+            cumulative += following[position + k]
+        scores.append(row_scores)
+        position += len(row)
     return scores
 
 
+@dataclass
+class ScoredReplies:
+    """A passage's candidate replies to one question, with both scores of each, ready to be chosen from."""
+    spans: list[tuple[str, int, float, float, int]]  # (text, char start in the passage, score, prior or 0, tokens)
+    no_answer: tuple[float, float, int]             # (score, prior or 0, tokens)
+
+    def answer(self, settings: GroundedSettings, prior_weight: float | None = None) -> GroundedAnswer:
+        """The best reply by `score - prior_weight x prior`, each divided by length**length_penalty."""
+        weight = settings.prior_weight if prior_weight is None else prior_weight
+
+        def combined(score: float, prior: float, tokens: int) -> float:
+            return (score - weight * prior) / tokens ** settings.length_penalty
+
+        no_answer_score = combined(*self.no_answer)
+        if not self.spans:
+            return GroundedAnswer(NO_ANSWER_REPLY, False, "", -math.inf, no_answer_score, -1)
+        best_score, span, char_start = max((combined(score, prior, tokens), text, start)
+                                           for text, start, score, prior, tokens in self.spans)
+        answered = not settings.allow_no_answer or best_score - no_answer_score > settings.no_answer_threshold
+        return GroundedAnswer(span if answered else NO_ANSWER_REPLY, answered, span, best_score, no_answer_score, char_start)
+
+
 @torch.no_grad()
-def answer_from_passage(model, tokenizer, passage: str, question: str, settings: GroundedSettings) -> GroundedAnswer:
-    """The best-scoring passage span for the question (or the no-answer reply); the prompt must fit the context."""
+def score_replies(model, tokenizer, passage: str, question: str, settings: GroundedSettings,
+                  with_prior: bool | None = None) -> ScoredReplies:
+    """Every candidate span (whole words of the passage) and the no-answer reply, scored; with the prior
+    (default: when `prior_weight` asks for it), only the `PRIOR_RESCORED_SPANS` best spans are kept, each
+    also scored after the passage alone. The prompt must fit the context."""
     layout, instruction = squad_layout_of(model), squad_instruction_of(model, settings.allow_no_answer)
     prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, question, layout, instruction)}])
     encoding = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)
@@ -166,26 +201,31 @@ def answer_from_passage(model, tokenizer, passage: str, question: str, settings:
     no_answer_ids = tokenizer(" " + NO_ANSWER_REPLY, add_special_tokens=False)["input_ids"]
     rows = [passage_ids[i:i + settings.max_answer_tokens] for i in starts] + [no_answer_ids]
     scores = _ended_reply_scores(model, first, cache, len(prompt_ids), rows, eos)
-    if settings.prior_weight:
-        # How likely each reply is after the passage alone: subtracting it removes the model's preference for
-        # replies it likes whatever the question (surface-form competition), leaving what the question adds.
+    spans = [(i, i + k, score) for i, row_scores in zip(starts, scores) for k, score in enumerate(row_scores) if can_end[i + k]]
+    no_answer, priors = scores[-1][-1], [0.0] * (len(spans) + 1)
+    if bool(settings.prior_weight) if with_prior is None else with_prior:
+        # How likely a reply is after the passage alone: subtracting it removes the model's taste for replies it
+        # likes whatever is asked (surface-form competition), leaving what the question adds. Only the best spans
+        # are rescored: one short batch instead of a second pass over every candidate.
+        spans = sorted(spans, key=lambda s: s[2] / (s[1] - s[0] + 2) ** settings.length_penalty, reverse=True)
+        spans = spans[:PRIOR_RESCORED_SPANS]
         prior_prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, "", layout, instruction)}])
         prior_ids = tokenizer(prior_prompt, add_special_tokens=False)["input_ids"]
         prior_first, prior_cache = _first_reply_token(model, prior_ids)
-        prior = _ended_reply_scores(model, prior_first, prior_cache, len(prior_ids), rows, eos)
-        scores = [[q - settings.prior_weight * p for q, p in zip(row_q, row_p)] for row_q, row_p in zip(scores, prior)]
+        prior_rows = [passage_ids[a:b + 1] for a, b, _ in spans] + [no_answer_ids]
+        priors = [row[-1] for row in _ended_reply_scores(model, prior_first, prior_cache, len(prior_ids), prior_rows, eos)]
+    texts = []
+    for a, b, _ in spans:
+        char_start = max(passage_offsets[a][0], passage_start)
+        text = prompt[char_start:passage_offsets[b][1]].strip()
+        texts.append((text, prompt.index(text, char_start) - passage_start))
+    return ScoredReplies([(text, start, score, prior, b - a + 2) for (text, start), (a, b, score), prior in zip(texts, spans, priors)],
+                         (no_answer, priors[-1], len(no_answer_ids) + 1))
 
-    no_answer_score = scores[-1][-1] / (len(no_answer_ids) + 1) ** settings.length_penalty
-    candidates = [(score / (k + 2) ** settings.length_penalty, i, i + k)
-                  for i, row_scores in zip(starts, scores) for k, score in enumerate(row_scores) if can_end[i + k]]
-    if not candidates:
-        return GroundedAnswer(NO_ANSWER_REPLY, False, "", -math.inf, no_answer_score, -1)
-    best_score, first_token, last_token = max(candidates)
-    char_start = max(passage_offsets[first_token][0], passage_start)
-    span = prompt[char_start:passage_offsets[last_token][1]].strip()
-    answered = not settings.allow_no_answer or best_score - no_answer_score > settings.no_answer_threshold
-    return GroundedAnswer(span if answered else NO_ANSWER_REPLY, answered, span, best_score, no_answer_score,
-                          prompt.index(span, char_start) - passage_start)
+
+def answer_from_passage(model, tokenizer, passage: str, question: str, settings: GroundedSettings) -> GroundedAnswer:
+    """The best-scoring passage span for the question (or the no-answer reply); the prompt must fit the context."""
+    return score_replies(model, tokenizer, passage, question, settings).answer(settings)
 
 
 def fit_to_context(passage: str, question: str, tokenizer, reply_tokens: int, context: int,
@@ -196,6 +236,14 @@ def fit_to_context(passage: str, question: str, tokenizer, reply_tokens: int, co
     return fit_passage(passage, question, placeholder_reply, tokenizer, context, anchor=None, layout=layout, instruction=instruction)
 
 
+def score_passage_replies(model, tokenizer, passage: str, question: str, settings: GroundedSettings,
+                          with_prior: bool | None = None) -> ScoredReplies | None:
+    """`score_replies` on the passage cut to fit the context; None when the question alone leaves no room."""
+    fitted = fit_to_context(passage, question, tokenizer, reply_budget(tokenizer, settings), int(model.config.n_positions),
+                            squad_layout_of(model), squad_instruction_of(model, settings.allow_no_answer))
+    return None if fitted is None else score_replies(model, tokenizer, fitted, question, settings, with_prior)
+
+
 def answer_from_passages(model, tokenizer, passages: list[str], question: str,
                          settings: GroundedSettings) -> tuple[int, GroundedAnswer] | None:
     """Answer from each passage and keep the most confident one: the largest margin over the no-answer reply.
@@ -203,14 +251,12 @@ def answer_from_passages(model, tokenizer, passages: list[str], question: str,
     Returns (index of the chosen passage, its answer), whose `answered` is False when no passage's margin
     passes the threshold; None when the question does not fit the context even without a passage.
     """
-    context = int(model.config.n_positions)
     best: tuple[int, GroundedAnswer] | None = None
     for position, passage in enumerate(passages):
-        fitted = fit_to_context(passage, question, tokenizer, reply_budget(tokenizer, settings), context, squad_layout_of(model),
-                                squad_instruction_of(model, settings.allow_no_answer))
-        if fitted is None:
+        scored = score_passage_replies(model, tokenizer, passage, question, settings)
+        if scored is None:
             return None
-        answer = answer_from_passage(model, tokenizer, fitted, question, settings)
+        answer = scored.answer(settings)
         if best is None or answer.margin > best[1].margin:
             best = (position, answer)
     return best

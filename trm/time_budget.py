@@ -134,7 +134,7 @@ class TrainingTimePlan(TrainerCallback):
                                "epoch cap allows, decayed and saved within the budget (revised while the rate is stable).",
                                self.budget_s / 3600, pace, planned, self.cap)
             else:
-                logger.warning("train_hours %g: the whole run (%d steps, the epoch cap) takes about %.2f h here%s.",
+                logger.warning("train_hours %g: the whole run (%d steps, all that max_steps and the epoch cap allow) takes about %.2f h here%s.",
                                self.budget_s / 3600, self.cap, whole_h,
                                f", leaving {spare:.2f} h of the budget unused" + (f": {self.spare_advice}" if self.spare_advice else "")
                                if spare > self.budget_s / 3600 / 5 else "")
