@@ -86,8 +86,9 @@ def main() -> None:
                                    "seconds_per_question": grounded_seconds}}
     table += [("SQuAD v1.1", "free (greedy)", report["v1.1"]["free"]),
               ("SQuAD v1.1", f"grounded (always a span), prior weight {settings.prior_weight:g}", report["v1.1"]["grounded"])]
-    if settings.prior_weight:  # the rescored spans carry their priors: every weight can be judged from this one pass
-        kept = [(s, r) for s, r in zip(scored, rows) if s is not None]
+    kept = [(s, r) for s, r in zip(scored, rows) if s is not None]
+    if settings.prior_weight and len({r["title"] for _, r in kept}) > 1:  # the rescored spans carry their priors:
+        # every weight can be judged from this one pass; choosing one needs other articles to choose it on
 
         def span_f1(pairs, weight):
             return sum(best_f1(s.answer(always, weight).span, r["answers"]) for s, r in pairs)
