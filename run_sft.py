@@ -64,10 +64,11 @@ def calibrated_grounding(trainer, tokenizer, datasets_, data_args: SftDataArgume
     except DataError as error:
         logger.warning("no-answer threshold not calibrated: %s", error)
         return {}
+    by_weight = calibration.pop("has_answer_span_f1_by_prior_weight")
     metrics.update({f"calibration_{key}": value for key, value in calibration.items()})
-    logger.info("prior weight %g and no-answer threshold %.3f, calibrated on %d held-out SQuAD v2.0 questions: grounded F1 %.1f "
-                "there, %.0f%% of the unanswerable ones abstained on, %.0f%% of all answered", calibration["prior_weight"],
-                calibration["no_answer_threshold"], calibration["questions"],
+    logger.info("prior weight %g (answerable questions' span F1 by weight: %s) and no-answer threshold %.3f, calibrated on %d "
+                "held-out SQuAD v2.0 questions: grounded F1 %.1f there, %.0f%% of the unanswerable ones abstained on, %.0f%% of all "
+                "answered", calibration["prior_weight"], by_weight, calibration["no_answer_threshold"], calibration["questions"],
                 calibration["f1_at_threshold"], calibration["no_answer_share"], calibration["answered_share"])
     settings = GroundedSettings(no_answer_threshold=calibration["no_answer_threshold"], prior_weight=calibration["prior_weight"])
     return {GROUNDING_FILE: settings.to_json()}
