@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.prompt_format import NO_ANSWER_REPLY  # noqa: E402
 from run_eval import write_json_atomically  # noqa: E402
 from trm.evaluation import (  # noqa: E402
-    PRIOR_WEIGHTS, best_f1, free_squad_answer, grounded_squad_answers, grounded_squad_scores, squad_questions,
+    best_f1, free_squad_answer, grounded_squad_answers, grounded_squad_scores, span_f1_by_prior_weight, squad_questions,
 )
 from trm.generation import load_model  # noqa: E402
 from trm.grounded import GroundedSettings, calibrate_no_answer_threshold  # noqa: E402
@@ -90,14 +90,13 @@ def main() -> None:
     if settings.prior_weight and len({r["title"] for _, r in kept}) > 1:  # the rescored spans carry their priors:
         # every weight can be judged from this one pass; choosing one needs other articles to choose it on
 
-        def span_f1(pairs, weight):
-            return sum(best_f1(s.answer(always, weight).span, r["answers"]) for s, r in pairs)
-
-        report["v1.1"]["f1_by_prior_weight"] = {str(w): 100.0 * span_f1(kept, w) / len(rows) for w in PRIOR_WEIGHTS}
+        report["v1.1"]["f1_by_prior_weight"] = {str(w): f1 for w, f1 in span_f1_by_prior_weight(kept, settings).items()}
         titles = sorted({r["title"] for _, r in kept})
         folds = [set(titles[0::2]), set(titles[1::2])]
-        chosen = {n: max(PRIOR_WEIGHTS, key=lambda w: span_f1([(s, r) for s, r in kept if r["title"] not in fold], w))
-                  for n, fold in enumerate(folds)}
+        chosen = {}
+        for n, fold in enumerate(folds):  # as phase 2 calibrates it, on the other fold's questions
+            by_weight = span_f1_by_prior_weight([(s, r) for s, r in kept if r["title"] not in fold], settings)
+            chosen[n] = max(by_weight, key=by_weight.get)
         fold_of = {t: n for n, fold in enumerate(folds) for t in fold}
         name = "grounded, prior weight chosen on the other articles"
         report["v1.1"][name] = {**scores([s.answer(always, chosen[fold_of[r["title"]]]).span for s, r in kept], [r for _, r in kept]),

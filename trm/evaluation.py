@@ -186,6 +186,15 @@ def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: s
             "answered_f1": 100.0 * sum(answered) / len(answered) if answered else None, "examples": examples}
 
 
+def span_f1_by_prior_weight(scored: list[tuple[ScoredReplies, dict]], settings: GroundedSettings,
+                            prior_weights: tuple[float, ...] = PRIOR_WEIGHTS) -> dict[float, float]:
+    """Mean F1 (0-100) of the best span (never abstaining) over the answerable (scored replies, row) pairs, per weight."""
+    always = replace(settings, allow_no_answer=False)
+    answerable = [(s, row) for s, row in scored if row["answers"]]
+    return {weight: 100.0 * sum(best_f1(s.answer(always, weight).span, row["answers"]) for s, row in answerable) / max(1, len(answerable))
+            for weight in prior_weights}
+
+
 def calibrate_grounding(model, tokenizer, path: str, limit: int | None, settings: GroundedSettings,
                         min_no_answer: float | None = None, prior_weights: tuple[float, ...] = PRIOR_WEIGHTS) -> dict:
     """Grounded answers on a SQuAD v2.0 file, then the prior weight and no-answer threshold for them."""
@@ -203,10 +212,8 @@ def calibrate_grounding_on(model, tokenizer, rows: list[dict], settings: Grounde
               if s is not None]
     if not any(row["answers"] for _, row in scored) or all(row["answers"] for _, row in scored):
         raise DataError(f"{name}: calibration needs answerable and unanswerable questions (SQuAD v2.0).")
-    always = replace(settings, allow_no_answer=False)
-    span_f1_by_weight = {weight: 100.0 * sum(best_f1(s.answer(always, weight).span, row["answers"]) for s, row in scored if row["answers"])
-                         / sum(bool(row["answers"]) for _, row in scored) for weight in prior_weights}
-    weight = max(prior_weights, key=lambda w: span_f1_by_weight[w])
+    span_f1_by_weight = span_f1_by_prior_weight(scored, settings, prior_weights)
+    weight = max(span_f1_by_weight, key=span_f1_by_weight.get)  # the first of equals: the smaller weight
     answers = [(s.answer(settings, weight), row) for s, row in scored]
     threshold, _ = calibrate_no_answer_threshold(
         [a.margin for a, _ in answers], [best_f1(a.span, row["answers"]) for a, row in answers],
