@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no_answer_threshold", type=float, default=None, help="override the threshold stored with the model")
     parser.add_argument("--prior_weight", type=float, default=None,
                         help="override grounded decoding's prior weight (stored by calibration; else 0.5; 0 = off, faster)")
+    parser.add_argument("--proximity_weight", type=float, default=None,
+                        help="override grounded decoding's weight of the question's words near a span (stored by calibration; "
+                             "else 6; 0 = off)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser.parse_args(argv)
 
@@ -50,7 +53,7 @@ def main(argv=None) -> RetrievedAnswer:
     index = PassageIndex(args.index, read_only=True)
     model, tokenizer = load_model(args.model_name_or_path)
     settings = GroundedSettings.for_model(args.model_name_or_path, no_answer_threshold=args.no_answer_threshold,
-                                          prior_weight=args.prior_weight)
+                                          prior_weight=args.prior_weight, proximity_weight=args.proximity_weight)
     try:
         result = ask(model, tokenizer, index, args.question, settings, args.top_k)
     finally:

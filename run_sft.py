@@ -64,13 +64,15 @@ def calibrated_grounding(trainer, tokenizer, datasets_, data_args: SftDataArgume
     except DataError as error:
         logger.warning("no-answer threshold not calibrated: %s", error)
         return {}
-    by_weight = calibration.pop("has_answer_span_f1_by_prior_weight")
+    by_weights = calibration.pop("has_answer_span_f1_by_weights")
     metrics.update({f"calibration_{key}": value for key, value in calibration.items()})
-    logger.info("prior weight %g (answerable questions' span F1 by weight: %s) and no-answer threshold %.3f, calibrated on %d "
-                "held-out SQuAD v2.0 questions: grounded F1 %.1f there, %.0f%% of the unanswerable ones abstained on, %.0f%% of all "
-                "answered", calibration["prior_weight"], by_weight, calibration["no_answer_threshold"], calibration["questions"],
-                calibration["f1_at_threshold"], calibration["no_answer_share"], calibration["answered_share"])
-    settings = GroundedSettings(no_answer_threshold=calibration["no_answer_threshold"], prior_weight=calibration["prior_weight"])
+    logger.info("prior weight %g, proximity weight %g (answerable questions' span F1 by weights: %s) and no-answer threshold "
+                "%.3f, calibrated on %d held-out SQuAD v2.0 questions: grounded F1 %.1f there, %.0f%% of the unanswerable ones "
+                "abstained on, %.0f%% of all answered", calibration["prior_weight"], calibration["proximity_weight"], by_weights,
+                calibration["no_answer_threshold"], calibration["questions"], calibration["f1_at_threshold"],
+                calibration["no_answer_share"], calibration["answered_share"])
+    settings = GroundedSettings(no_answer_threshold=calibration["no_answer_threshold"], prior_weight=calibration["prior_weight"],
+                                proximity_weight=calibration["proximity_weight"])
     return {GROUNDING_FILE: settings.to_json()}
 
 
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
             "reading-comprehension layout": data_args.squad_layout,
             "abstention-aware SQuAD v2.0 instruction": data_args.squad_abstain_instruction,
             **({"grounded decoding (grounding.json)": (
-                f"prior weight {metrics['calibration_prior_weight']:g}, no-answer threshold "
+                f"prior weight {metrics['calibration_prior_weight']:g}, proximity weight "
+                f"{metrics['calibration_proximity_weight']:g}, no-answer threshold "
                 f"{metrics['calibration_no_answer_threshold']:.3f}, calibrated on {metrics['calibration_questions']} held-out "
                 f"SQuAD v2.0 questions (F1 {metrics['calibration_f1_at_threshold']:.1f}, "
                 f"{metrics['calibration_no_answer_share']:.0f}% of the unanswerable abstained on, "

@@ -6,6 +6,8 @@ Design decisions:
   about 100 of the model's 256 positions for the instruction, the question and the answer.
 - A single sentence longer than `max_tokens` is cut at token boundaries, so no text is dropped.
 - Windows do not overlap: a passage is a unit of retrieval, and overlap would index text twice.
+- A question is matched on its `question_terms`, by retrieval (BM25) and by grounded decoding (the words near a
+  span) alike.
 """
 
 from __future__ import annotations
@@ -13,6 +15,16 @@ from __future__ import annotations
 import re
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
+STOPWORDS = frozenset(
+    "a an and are as at be been but by can could did do does for from had has have how i in into is it its "
+    "of on or so than that the their them then there these they this those to was were what when where "
+    "which who whom whose why will with would you your".split()
+)
+
+
+def question_terms(question: str) -> list[str]:
+    """The words a question is matched on, in order and once each: lowercased, common function words dropped."""
+    return list(dict.fromkeys(w for w in re.findall(r"\w+", question.lower()) if w not in STOPWORDS))
 
 
 def split_passages(text: str, tokenizer, target_tokens: int = 120, max_tokens: int = 150) -> list[str]:

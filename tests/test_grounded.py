@@ -1,6 +1,7 @@
 """Grounded decoding answers with a passage span or the no-answer reply, scored by the model's own likelihood."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_scores_are_the_model_likelihood_and_the_best_span_wins(tokenizer):
     passage = "The Rhine ends in Hoek van Holland, near Rotterdam."
     question = "Where does the Rhine end?"
     model = _random_model(seed=1)
-    config = GroundedSettings(max_answer_tokens=8, start_candidates=100, prior_weight=0.0)
+    config = GroundedSettings(max_answer_tokens=8, start_candidates=100, prior_weight=0.0, proximity_weight=0.0)
     answer = answer_from_passage(model, tokenizer, passage, question, config)
     assert answer.span_score == pytest.approx(_reply_logprob(model, tokenizer, passage, question, answer.span), abs=1e-3)
     assert answer.no_answer_score == pytest.approx(_reply_logprob(model, tokenizer, passage, question, NO_ANSWER_REPLY), abs=1e-3)
@@ -87,7 +88,7 @@ def test_the_prior_subtracts_each_replys_likelihood_without_the_question(tokeniz
     spans |= {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
     chosen = {}
     for weight in (0.5, 1.0):
-        config = GroundedSettings(max_answer_tokens=8, start_candidates=100, prior_weight=weight)
+        config = GroundedSettings(max_answer_tokens=8, start_candidates=100, prior_weight=weight, proximity_weight=0.0)
         answer = answer_from_passage(model, tokenizer, passage, question, config)
         assert answer.span_score == pytest.approx(combined(answer.span, weight), abs=1e-3)
         assert answer.no_answer_score == pytest.approx(combined(NO_ANSWER_REPLY, weight), abs=1e-3)
@@ -96,7 +97,7 @@ def test_the_prior_subtracts_each_replys_likelihood_without_the_question(tokeniz
         chosen[weight] = answer.span
     # Rescoring only the best few spans by the question's score keeps the best of those.
     monkeypatch.setattr(trm.grounded, "PRIOR_RESCORED_SPANS", 2)
-    wide = GroundedSettings(max_answer_tokens=8, start_candidates=100)
+    wide = GroundedSettings(max_answer_tokens=8, start_candidates=100, proximity_weight=0.0)
     scored = trm.grounded.score_replies(model, tokenizer, passage, question, wide)
     assert len(scored.spans) == 2
     plain = answer_from_passage(model, tokenizer, passage, question, GroundedSettings(**{**vars(wide), "prior_weight": 0.0}))
@@ -146,25 +147,61 @@ def test_calibration_picks_the_threshold_that_maximises_f1():
     assert threshold in (-1.0, 0.0)
 
 
-def test_calibration_chooses_the_smallest_prior_weight_with_the_best_spans_then_its_threshold(monkeypatch):
+def test_calibration_chooses_the_smallest_weights_with_the_best_spans_then_their_threshold(monkeypatch):
     import trm.evaluation
     from trm.grounded import ScoredReplies
 
-    # Question 1: "Basel" is likelier, but also likelier without the question; above a weight of 1/6 the answer
-    # "Hoek van Holland" wins. Question 2 has no answer.
-    scored = [ScoredReplies([("Basel", 0, -1.0, -0.5, 2), ("Hoek van Holland", 10, -1.5, -3.5, 4)], (-2.0, -1.0, 12)),
-              ScoredReplies([("Oxygen", 0, -3.0, -1.0, 2)], (-1.0, -2.0, 12))]
+    # Question 1: "Basel" is likelier, but also likelier without the question; above a prior weight of 1/6 the answer
+    # "Hoek van Holland" wins, and so it does at any prior weight once the proximity (0.5 against 0.1) counts 3 times
+    # or more. Question 2 has no answer.
+    scored = [ScoredReplies([("Basel", 0, -1.0, -0.5, 2, 0.1), ("Hoek van Holland", 10, -1.5, -3.5, 4, 0.5)], (-2.0, -1.0, 12)),
+              ScoredReplies([("Oxygen", 0, -3.0, -1.0, 2, 0.0)], (-1.0, -2.0, 12))]
     rows = [{"context": "", "question": "", "answers": ["Hoek van Holland"]}, {"context": "", "question": "", "answers": []}]
     monkeypatch.setattr(trm.evaluation, "grounded_squad_scores", lambda *args, **kwargs: scored)
-    result = trm.evaluation.calibrate_grounding_on(None, None, rows, GroundedSettings(), "toy")
-    assert result["has_answer_span_f1_by_prior_weight"] == {"0.0": 0.0, "0.25": 100.0, "0.5": 100.0, "0.75": 100.0, "1.0": 100.0}
-    assert result["prior_weight"] == 0.25
-    # The threshold is then calibrated on the margins at that weight: answer 1, abstain on 2 (F1 100).
-    margins = [(-1.5 + 0.25 * 3.5) - (-2.0 + 0.25 * 1.0), (-3.0 + 0.25 * 1.0) - (-1.0 + 0.25 * 2.0)]
+    result = trm.evaluation.calibrate_grounding_on(None, None, rows, GroundedSettings(), "toy", prior_weights=(0.0, 0.25, 0.5),
+                                                   proximity_weights=(0.0, 3.0))
+    assert result["has_answer_span_f1_by_weights"] == {
+        "prior 0, proximity 0": 0.0, "prior 0, proximity 3": 100.0, "prior 0.25, proximity 0": 100.0,
+        "prior 0.25, proximity 3": 100.0, "prior 0.5, proximity 0": 100.0, "prior 0.5, proximity 3": 100.0}
+    assert (result["prior_weight"], result["proximity_weight"]) == (0.0, 3.0)
+    # The threshold is then calibrated on the margins at those weights: answer 1, abstain on 2 (F1 100).
+    margins = [(-1.5 + 3.0 * 0.5) - (-2.0), -3.0 - (-1.0)]
     assert result["no_answer_threshold"] == calibrate_no_answer_threshold(margins, [1.0, 0.0], [True, False])[0]
     assert result["f1_at_threshold"] == 100.0 and result["answered_share"] == 50.0
-    # A fixed weight (run_eval --prior_weight) is not chosen: it is kept.
-    assert trm.evaluation.calibrate_grounding_on(None, None, rows, GroundedSettings(), "toy", prior_weights=(0.0,))["prior_weight"] == 0.0
+    # Without proximity, the smallest prior weight that finds the answer.
+    without = trm.evaluation.calibrate_grounding_on(None, None, rows, GroundedSettings(), "toy", proximity_weights=(0.0,))
+    assert (without["prior_weight"], without["proximity_weight"]) == (0.25, 0.0)
+    # Fixed weights (run_eval --prior_weight/--proximity_weight) are not chosen: they are kept.
+    fixed = trm.evaluation.calibrate_grounding_on(None, None, rows, GroundedSettings(), "toy", prior_weights=(0.0,),
+                                                   proximity_weights=(0.0,))
+    assert (fixed["prior_weight"], fixed["proximity_weight"]) == (0.0, 0.0)
+
+
+def test_proximity_is_the_weighted_share_of_the_question_terms_around_a_span():
+    from trm.grounded import proximity_to_question
+
+    passage = "Basel lies on the Rhine. The Rhine ends in the North Sea at Hoek van Holland, far from Basel."
+    question = "Where does the river Rhine end?"  # terms: river, rhine, end (river and end are not in the passage)
+    hoek = passage.index("Hoek van Holland")
+    first_basel = (0, len("Basel"))
+    near, basel_first, whole = proximity_to_question(passage, question, [(hoek, hoek + len("Hoek van Holland")), first_basel, (0, len(passage))])
+    # "Rhine" is within 10 words of "Hoek" and of the first "Basel"; "river" and "end" are not in the passage, and
+    # weigh as a word seen once would.
+    in_passage = math.log1p(1 / 2)
+    assert near == pytest.approx(in_passage / (in_passage + 2 * math.log(2)))
+    assert basel_first == pytest.approx(near)
+    spaced = "Rhine " + "word " * 12 + "Basel and more words"
+    basel = spaced.index("Basel")
+    assert proximity_to_question(spaced, question, [(basel, basel + 5)]) == [0.0]  # 12 words away: out of the window
+    assert whole == 0.0  # a span covering the passage has nothing around it
+    # Terms weigh log(1 + 1/count): the rare one ("sea", once) counts more than the frequent one ("rhine", twice).
+    sea_question = "Which sea is the Rhine in?"  # terms: sea, rhine
+    apart = "Rhine X " + "pad " * 12 + "Rhine pad " + "pad " * 12 + "sea Z"
+    x, z = apart.index("X"), apart.index("Z")
+    near_rhine, near_sea = proximity_to_question(apart, sea_question, [(x, x + 1), (z, z + 1)])
+    sea, rhine = math.log1p(1 / 1), math.log1p(1 / 2)
+    assert near_rhine == pytest.approx(rhine / (sea + rhine)) and near_sea == pytest.approx(sea / (sea + rhine))
+    assert proximity_to_question("No shared words at all.", question, [(0, 2)]) == [0.0]
 
 
 def test_spans_start_and_end_at_whole_words(tokenizer):
@@ -185,6 +222,11 @@ def test_settings_are_stored_beside_the_model(tmp_path):
     with pytest.raises(DataError, match="not valid JSON"):
         GroundedSettings.for_model(tmp_path)
     assert json.loads(GroundedSettings().save(tmp_path).read_text())["no_answer_threshold"] == 0.0
+    # A file calibrated before a weight existed keeps that weight off: its threshold was set without it.
+    (tmp_path / "grounding.json").write_text(json.dumps({"no_answer_threshold": -1.5}))
+    older = GroundedSettings.for_model(tmp_path)
+    assert (older.no_answer_threshold, older.prior_weight, older.proximity_weight) == (-1.5, 0.0, 0.0)
+    assert GroundedSettings.for_model(tmp_path, proximity_weight=3.0).proximity_weight == 3.0
 
 
 def test_calibration_can_require_a_share_of_abstentions():

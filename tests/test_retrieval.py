@@ -8,9 +8,9 @@ import pytest
 import run_ask
 import run_index
 from data.files import DataError
-from data.passages import split_passages
+from data.passages import question_terms, split_passages
 from trm import retrieval
-from trm.retrieval import PassageIndex, query_terms
+from trm.retrieval import PassageIndex
 
 ARTICLES = [
     ("Rhine", "The Rhine is a river in Europe. It begins in the Swiss Alps and ends in the North Sea near Rotterdam."),
@@ -111,8 +111,8 @@ def test_bad_corpora_and_indexes_get_one_sentence(tmp_path, tokenizer, monkeypat
         retrieval.require_fts5()
 
 
-def test_query_terms_cannot_inject_fts5_syntax(tmp_path, corpus, tokenizer):
-    assert query_terms('Who discovered "oxygen" AND NEAR(x)?') == ["discovered", "oxygen", "near", "x"]
+def test_question_terms_cannot_inject_fts5_syntax(tmp_path, corpus, tokenizer):
+    assert question_terms('Who discovered "oxygen" AND NEAR(x)?') == ["discovered", "oxygen", "near", "x"]
     index = PassageIndex(tmp_path / "index.sqlite", create=True)
     index.add_file(corpus, tokenizer)
     assert index.search('oxygen" OR * (', 1)[0].title == "Oxygen"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,17 +33,12 @@ from typing import Iterable, Iterator
 
 from data.cleaning import clean_text
 from data.files import DataError, SkipCounter, read_records
-from data.passages import split_passages
+from data.passages import question_terms, split_passages
 from data.prompt_format import NO_ANSWER_REPLY
 from trm.grounded import GroundedSettings, answer_from_passages
 
 COMMIT_EVERY = 2_000
 TITLE_WEIGHT, TEXT_WEIGHT = 2.0, 1.0
-STOPWORDS = frozenset(
-    "a an and are as at be been but by can could did do does for from had has have how i in into is it its "
-    "of on or so than that the their them then there these they this those to was were what when where "
-    "which who whom whose why will with would you your".split()
-)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS passages (
     id INTEGER PRIMARY KEY, digest TEXT UNIQUE NOT NULL, source TEXT NOT NULL, title TEXT NOT NULL, text TEXT NOT NULL);
@@ -82,11 +76,6 @@ def require_fts5() -> None:
 
 def passage_digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
-def query_terms(question: str) -> list[str]:
-    words = dict.fromkeys(w for w in re.findall(r"\w+", question.lower()) if w not in STOPWORDS)
-    return list(words)
 
 
 EXPECTED_TABLES = {"passages": {"id", "digest", "source", "title", "text"}, "passage_sources": {"source", "passage_id"},
@@ -221,7 +210,7 @@ class PassageIndex:
 
     def search(self, question: str, k: int = 5) -> list[Passage]:
         """The k passages that best match the question's words by BM25 (best first); [] if it has none."""
-        terms = query_terms(question)
+        terms = question_terms(question)
         if not terms:
             return []
         match = " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
