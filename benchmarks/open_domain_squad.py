@@ -68,7 +68,7 @@ def rank_and_margin(per_question: list[dict], questions: int) -> dict:
     return {"exact": 100 * em / n, "f1": 100 * f1 / n, "weights": weights}
 
 
-THRESHOLDS = (-1e9, -16.0, -12.0, -8.0, -4.0, -2.0, 0.0)  # -1e9: always answer, from the top-ranked passage
+THRESHOLDS = (-1e9, -16.0, -12.0, -8.0, -4.0, -2.0, 0.0, 1.0, 2.0, 3.0, 4.0)  # -1e9: always answer, from the top passage
 
 
 def run_ask_at_thresholds(per_question: list[dict], questions: int) -> dict:

@@ -9,8 +9,8 @@ Every run is the phase-1 recipe as it was before Muon became its default (32 x 2
 cosine), or with `--base recipe` the recipe as it is now (Muon, warmup-stable-decay), with one change,
 evaluated on the whole prepared validation split (`--max_eval_tokens` unbounded) every `--eval_steps`, and
 with `--blimp` each final model on BLiMP (`run_eval.py`, mean over paradigms). `--parallel N` runs N at once with
-one thread each, so runs started together share the machine alike; each run resumes if interrupted and a
-finished run is not repeated. The table compares validation loss at equal tokens and reports each run's
+one thread each, so runs started together share the machine alike; each run resumes if interrupted (also after
+Ctrl-C, whose final model stops short of `--max_steps`) and a finished run is not repeated. The table compares validation loss at equal tokens and reports each run's
 measured tokens/s: levers that change the cost of a step (depth, Muon) are judged at equal time by
 `--max_steps` scaled with that cost. Writes `levers.json` and the curves as `levers.png`.
 """
@@ -64,6 +64,13 @@ def blimp_command(name: str, args) -> list[str]:
     run_dir = Path(args.output_dir) / name
     return [sys.executable, str(ROOT / "run_eval.py"), str(run_dir), "--blimp", args.blimp, "--report", str(run_dir / BLIMP_REPORT),
             *(["--blimp_pairs_per_paradigm", str(args.blimp_pairs_per_paradigm)] if args.blimp_pairs_per_paradigm else [])]
+
+
+def trained_steps(run_dir: Path) -> int:
+    """The last step of a run's final model; 0 before there is one. A run stopped by Ctrl-C or SIGTERM saves its
+    final model too, short of `--max_steps`."""
+    log = run_dir / "training_log.json"
+    return max((record.get("step", 0) for record in json.loads(log.read_text(encoding="utf-8"))), default=0) if log.is_file() else 0
 
 
 def run_summary(run_dir: Path) -> dict:
@@ -130,7 +137,11 @@ def main() -> None:
     names = chosen_runs(parser, args.runs, LEVERS)
 
     output = Path(args.output_dir)
-    pending = [name for name in names if not (output / name / "training_log.json").is_file()]
+    pending = [name for name in names if trained_steps(output / name) < args.max_steps]
+    for name in pending:
+        if steps := trained_steps(output / name):
+            print(f"{name}: stopped at step {steps} of {args.max_steps} (interrupted); resuming it", flush=True)
+            (output / name / BLIMP_REPORT).unlink(missing_ok=True)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     while pending:
