@@ -204,6 +204,24 @@ def test_proximity_is_the_weighted_share_of_the_question_terms_around_a_span():
     assert proximity_to_question("No shared words at all.", question, [(0, 2)]) == [0.0]
 
 
+def test_each_scored_span_carries_its_proximity_and_the_weight_moves_the_choice(tokenizer):
+    from trm.grounded import proximity_to_question, score_replies
+
+    passage = "Rotterdam is a port. " + "The city grew fast in the last century and trade grew with it. " * 2 + \
+        "The Rhine ends in the North Sea near Hoek van Holland."
+    question = "Where does the Rhine end?"
+    settings = GroundedSettings(max_answer_tokens=6, start_candidates=100)
+    scored = score_replies(_random_model(seed=5, positions=256), tokenizer, passage, question, settings)
+    for text, start, *_, proximity in scored.spans:
+        assert passage[start:start + len(text)] == text
+        assert proximity == pytest.approx(proximity_to_question(passage, question, [(start, start + len(text))])[0])
+    closest = max(proximity for *_, proximity in scored.spans)
+    chosen = scored.answer(settings, proximity_weight=1e6)
+    assert [p for text, start, *_, p in scored.spans if (text, start) == (chosen.span, chosen.char_start)] == [closest]
+    assert closest > 0
+    assert scored.answer(settings, proximity_weight=0.0).span_score < chosen.span_score
+
+
 def test_spans_start_and_end_at_whole_words(tokenizer):
     tokens = tokenizer.convert_ids_to_tokens(tokenizer(" Hoek van Holland, 1,233 km.")["input_ids"])
     assert tokens == ["ĠHo", "ek", "Ġvan", "ĠHolland", ",", "Ġ1", ",", "233", "Ġkm", "."]
