@@ -20,8 +20,8 @@ Design decisions:
 - `proximity_weight` adds that multiple of a span's proximity to the question: the weighted share of the
   question's terms among the words around the span (`proximity_to_question`, the sliding window of the SQuAD
   paper's baseline). The small model knows what kind of answer fits but not where the question points: its 16
-  best spans hold a far better one than its first (oracle F1 37 against 14 on unseen articles), and the
-  question's words nearby pick it out better than either does alone (docs/measurements.md). No model call.
+  best spans hold a far better one than its first (oracle F1 37 against 14 on unseen articles), and its score
+  plus the question's words nearby pick it out better than either alone (docs/measurements.md). No model call.
 - Phase 2 chooses both weights with the threshold on its held-out questions (`trm.evaluation.calibrate_grounding_on`);
   0.5 and 6 without a stored choice (measured in docs/measurements.md). `length_penalty` (off) divides the model's
   scores by length**penalty, as beam search does.
