@@ -46,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decoding", choices=("free", "grounded", "both"), default="both",
                         help="SQuAD answers generated freely, as passage spans (trm/grounded.py), or both side by side")
     parser.add_argument("--calibrate_no_answer", metavar="SQUAD_V2_FILE",
-                        help="calibrate grounded decoding on this file (its prior weight, then its no-answer threshold) "
-                             "and store both with the model")
+                        help="calibrate grounded decoding on this file (its prior and proximity weights, then its no-answer "
+                             "threshold) and store them with the model")
     parser.add_argument("--calibration_min_no_answer", type=float, default=None,
                         help="calibrate for abstaining on at least this share of the unanswerable questions (e.g. 0.7, what "
                              "phase 2 stores) and answering as much as possible otherwise; default: the F1-optimal threshold")

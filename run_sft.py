@@ -51,9 +51,9 @@ def load_phase1_model(path: str | None):
 
 
 def calibrated_grounding(trainer, tokenizer, datasets_, data_args: SftDataArguments, metrics: dict) -> dict[str, str]:
-    """Grounded decoding's prior weight and no-answer threshold, calibrated on held-out SQuAD v2.0 questions (articles
-    never trained on), as the model's `grounding.json`: `make ask`, chat and `make serve` answer at that operating
-    point out of the box."""
+    """Grounded decoding's prior and proximity weights and no-answer threshold, calibrated on held-out SQuAD v2.0
+    questions (articles never trained on), as the model's `grounding.json`: `make ask`, chat and `make serve` answer
+    at that operating point out of the box."""
     if "calibration" not in datasets_ or not trainer.is_world_process_zero():
         return {}
     model = trainer.accelerator.unwrap_model(trainer.model).eval()

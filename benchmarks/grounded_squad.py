@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.prompt_format import NO_ANSWER_REPLY  # noqa: E402
 from run_eval import write_json_atomically  # noqa: E402
 from trm.evaluation import (  # noqa: E402
-    best_f1, free_squad_answer, grounded_squad_answers, grounded_squad_scores, span_f1_by_weights, squad_questions,
+    best_f1, free_squad_answer, grounded_squad_answers, grounded_squad_scores, span_f1_by_weights, squad_questions, weights_name,
 )
 from trm.generation import load_model  # noqa: E402
 from trm.grounded import GroundedSettings, calibrate_no_answer_threshold  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
     kept = [(s, r) for s, r in zip(scored, rows) if s is not None]
     if settings.prior_weight and len({r["title"] for _, r in kept}) > 1:  # the rescored spans carry their priors:
         # every pair of weights can be judged from this one pass; choosing one needs other articles to choose it on
-        report["v1.1"]["f1_by_weights"] = {f"prior {p:g}, proximity {x:g}": f1 for (p, x), f1 in span_f1_by_weights(kept, settings).items()}
+        report["v1.1"]["f1_by_weights"] = {weights_name(*pair): f1 for pair, f1 in span_f1_by_weights(kept, settings).items()}
         titles = sorted({r["title"] for _, r in kept})
         folds = [set(titles[0::2]), set(titles[1::2])]
         chosen = {}
@@ -104,7 +104,7 @@ def main() -> None:
         name = "grounded, weights chosen on the other articles"
         report["v1.1"][name] = {**scores([s.answer(always, *chosen[fold_of[r["title"]]]).span for s, r in kept], [r for _, r in kept]),
                                 "folds": [sorted(f) for f in folds], "weights": chosen}
-        table.append(("SQuAD v1.1", f"{name} ({'; '.join(f'{p:g}, {x:g}' for p, x in chosen.values())})", report["v1.1"][name]))
+        table.append(("SQuAD v1.1", f"{name} ({'; '.join(weights_name(*pair) for pair in chosen.values())})", report["v1.1"][name]))
 
     if not args.v1_only:
         rows = squad_questions(args.squad_v2_file, args.limit, "squad_v2")

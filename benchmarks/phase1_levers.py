@@ -10,9 +10,9 @@ cosine), or with `--base recipe` the recipe as it is now (Muon, warmup-stable-de
 evaluated on the whole prepared validation split (`--max_eval_tokens` unbounded) every `--eval_steps`, and
 with `--blimp` each final model on BLiMP (`run_eval.py`, mean over paradigms). `--parallel N` runs N at once with
 one thread each, so runs started together share the machine alike; each run resumes if interrupted (also after
-Ctrl-C, whose final model stops short of `--max_steps`) and a finished run is not repeated. The table compares validation loss at equal tokens and reports each run's
-measured tokens/s: levers that change the cost of a step (depth, Muon) are judged at equal time by
-`--max_steps` scaled with that cost. Writes `levers.json` and the curves as `levers.png`.
+Ctrl-C, whose final model stops short of `--max_steps`) and a finished run is not repeated. The table compares
+validation loss at equal tokens and reports each run's measured tokens/s: levers that change the cost of a step
+(depth, Muon) are judged at equal time by `--max_steps` scaled with that cost. Writes `levers.json` and the curves as `levers.png`.
 """
 
 from __future__ import annotations
@@ -137,10 +137,11 @@ def main() -> None:
     names = chosen_runs(parser, args.runs, LEVERS)
 
     output = Path(args.output_dir)
-    pending = [name for name in names if trained_steps(output / name) < args.max_steps]
+    steps = {name: trained_steps(output / name) for name in names}
+    pending = [name for name in names if steps[name] < args.max_steps]
     for name in pending:
-        if steps := trained_steps(output / name):
-            print(f"{name}: stopped at step {steps} of {args.max_steps} (interrupted); resuming it", flush=True)
+        if steps[name]:
+            print(f"{name}: stopped at step {steps[name]} of {args.max_steps} (interrupted); resuming it", flush=True)
             (output / name / BLIMP_REPORT).unlink(missing_ok=True)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

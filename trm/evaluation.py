@@ -187,6 +187,11 @@ def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: s
             "answered_f1": 100.0 * sum(answered) / len(answered) if answered else None, "examples": examples}
 
 
+def weights_name(prior_weight: float, proximity_weight: float) -> str:
+    """How reports name a pair of grounded decoding's weights."""
+    return f"prior {prior_weight:g}, proximity {proximity_weight:g}"
+
+
 def span_f1_by_weights(scored: list[tuple[ScoredReplies, dict]], settings: GroundedSettings,
                        prior_weights: tuple[float, ...] = PRIOR_WEIGHTS,
                        proximity_weights: tuple[float, ...] = PROXIMITY_WEIGHTS) -> dict[tuple[float, float], float]:
@@ -231,7 +236,7 @@ def calibrate_grounding_on(model, tokenizer, rows: list[dict], settings: Grounde
             "no_answer_threshold": threshold,
             "f1_at_threshold": 100.0 * sum(f1) / len(answers), "no_answer_share": 100.0 * unanswerable.count(False) / len(unanswerable),
             "answered_share": 100.0 * sum(answered) / len(answers), "min_no_answer": min_no_answer,
-            "has_answer_span_f1_by_weights": {f"prior {p:g}, proximity {x:g}": round(v, 2) for (p, x), v in span_f1.items()}}
+            "has_answer_span_f1_by_weights": {weights_name(*pair): round(v, 2) for pair, v in span_f1.items()}}
 
 
 def instruction_evaluation(model, tokenizer, instructions: list[str], max_new_tokens: int = 128) -> dict:

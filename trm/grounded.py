@@ -189,7 +189,7 @@ def _ended_reply_scores(model, first, cache, prompt_length: int, rows: list[list
 
 @dataclass
 class ScoredReplies:
-    """A passage's candidate replies to one question, with both scores of each, ready to be chosen from."""
+    """A passage's candidate replies to one question, with what each is scored by, ready to be chosen from."""
     spans: list[tuple[str, int, float, float, int, float]]  # (text, char start in the passage, score, prior or 0, tokens,
                                                            #  proximity to the question's terms)
     no_answer: tuple[float, float, int]                    # (score, prior or 0, tokens)
