@@ -15,7 +15,7 @@ import json
 from data.files import checked_text
 from trm.cli import run_main
 from trm.generation import load_model
-from trm.grounded import GroundedSettings
+from trm.grounded import GroundedSettings, add_weight_arguments, weight_overrides
 from trm.recipe import RecipeError
 from trm.retrieval import PassageIndex, RetrievedAnswer, ask
 
@@ -27,11 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--index", default="cache/index.sqlite", help="passage index built by run_index.py")
     parser.add_argument("--top_k", type=int, default=5, help="passages retrieved and answered from")
     parser.add_argument("--no_answer_threshold", type=float, default=None, help="override the threshold stored with the model")
-    parser.add_argument("--prior_weight", type=float, default=None,
-                        help="override grounded decoding's prior weight (stored by calibration; else 0.5; 0 = off, faster)")
-    parser.add_argument("--proximity_weight", type=float, default=None,
-                        help="override grounded decoding's weight of the question's words near a span (stored by calibration; "
-                             "else 6; 0 = off)")
+    add_weight_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser.parse_args(argv)
 
@@ -53,7 +49,7 @@ def main(argv=None) -> RetrievedAnswer:
     index = PassageIndex(args.index, read_only=True)
     model, tokenizer = load_model(args.model_name_or_path)
     settings = GroundedSettings.for_model(args.model_name_or_path, no_answer_threshold=args.no_answer_threshold,
-                                          prior_weight=args.prior_weight, proximity_weight=args.proximity_weight)
+                                          **weight_overrides(args))
     try:
         result = ask(model, tokenizer, index, args.question, settings, args.top_k)
     finally:

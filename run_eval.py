@@ -16,16 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from data.files import DataError
 from trm.blimp import blimp_evaluation
 from trm.cli import run_main
 from trm.evaluation import (
-    PRIOR_WEIGHTS, PROXIMITY_WEIGHTS, blocks_perplexity, calibrate_grounding, copying_loss, instruction_evaluation, squad_evaluation,
-    text_blocks,
+    WEIGHT_CHOICES, blocks_perplexity, calibrate_grounding, copying_loss, instruction_evaluation, squad_evaluation, text_blocks,
+    weight_choices,
 )
-from trm.grounded import GroundedSettings
+from trm.grounded import GroundedSettings, add_weight_arguments, weight_overrides
 from trm.model_card import add_results, evaluation_results
 from trm.recipe import RecipeError
 from trm.generation import load_model
@@ -46,18 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decoding", choices=("free", "grounded", "both"), default="both",
                         help="SQuAD answers generated freely, as passage spans (trm/grounded.py), or both side by side")
     parser.add_argument("--calibrate_no_answer", metavar="SQUAD_V2_FILE",
-                        help="calibrate grounded decoding on this file (its prior and proximity weights, then its no-answer "
-                             "threshold) and store them with the model")
+                        help="calibrate grounded decoding on this file (its prior and proximity weights and length bonus, then "
+                             "its no-answer threshold) and store them with the model")
     parser.add_argument("--calibration_min_no_answer", type=float, default=None,
                         help="calibrate for abstaining on at least this share of the unanswerable questions (e.g. 0.7, what "
                              "phase 2 stores) and answering as much as possible otherwise; default: the F1-optimal threshold")
     parser.add_argument("--no_answer_threshold", type=float, default=None,
                         help="override the stored threshold of grounded decoding")
-    parser.add_argument("--prior_weight", type=float, default=None,
-                        help="override grounded decoding's prior weight (stored by calibration; else 0.5; 0 = off, faster)")
-    parser.add_argument("--proximity_weight", type=float, default=None,
-                        help="override grounded decoding's weight of the question's words near a span (stored by calibration; "
-                             "else 6; 0 = off)")
+    add_weight_arguments(parser)
     parser.add_argument("--instructions_file", default=None, help=f"one instruction per line (default: {DEFAULT_INSTRUCTIONS.name})")
     parser.add_argument("--limit", type=int, default=None, help="at most this many documents / questions per set")
     parser.add_argument("--max_new_tokens", type=int, default=None,
@@ -120,16 +117,13 @@ def main(argv=None) -> dict:
     if args.calibrate_no_answer:
         settings = GroundedSettings.for_model(args.model_name_or_path)
         calibration = calibrate_grounding(model, tokenizer, args.calibrate_no_answer, args.limit, settings,
-                                          args.calibration_min_no_answer,
-                                          PRIOR_WEIGHTS if args.prior_weight is None else (args.prior_weight,),
-                                          PROXIMITY_WEIGHTS if args.proximity_weight is None else (args.proximity_weight,))
-        settings.no_answer_threshold = calibration["no_answer_threshold"]
-        settings.prior_weight, settings.proximity_weight = calibration["prior_weight"], calibration["proximity_weight"]
+                                          args.calibration_min_no_answer, weight_choices(**weight_overrides(args)))
+        settings = replace(settings, no_answer_threshold=calibration["no_answer_threshold"],
+                           **{name: calibration[name] for name in WEIGHT_CHOICES})
         stored = settings.save(args.model_name_or_path)
         report["calibration"] = {**calibration, "file": args.calibrate_no_answer, "stored_in": str(stored)}
-        rows += [("calibration", "prior weight", f"{settings.prior_weight:g}"),
-                 ("calibration", "proximity weight", f"{settings.proximity_weight:g}"),
-                 ("calibration", "threshold", f"{settings.no_answer_threshold:.3f}"),
+        rows += [("calibration", name.replace("_", " "), f"{calibration[name]:g}") for name in WEIGHT_CHOICES]
+        rows += [("calibration", "threshold", f"{settings.no_answer_threshold:.3f}"),
                  ("calibration", "F1 at threshold", f"{calibration['f1_at_threshold']:.2f}")]
         write_json_atomically(report_path, report)
 
@@ -138,8 +132,7 @@ def main(argv=None) -> dict:
         for decoding in decodings if path else ():
             # SQuAD v1.1 has no unanswerable questions: grounded decoding there always answers with a span.
             grounded = GroundedSettings.for_model(args.model_name_or_path, no_answer_threshold=args.no_answer_threshold,
-                                                  prior_weight=args.prior_weight, proximity_weight=args.proximity_weight,
-                                                  allow_no_answer=key == "squad_v2.0")
+                                                  allow_no_answer=key == "squad_v2.0", **weight_overrides(args))
             source = "squad_v2" if key == "squad_v2.0" else "squad"
             scores = squad_evaluation(model, tokenizer, path, args.limit, decoding, grounded, source=source)
             report[f"{key} {decoding}"] = scores

@@ -20,7 +20,7 @@ from trm import rules
 from trm.cli import run_main
 from trm.model_card import base_model_datasets, build_card
 from data.files import DataError
-from trm.evaluation import calibrate_grounding_on
+from trm.evaluation import WEIGHT_CHOICES, calibrate_grounding_on, weights_name
 from trm.generation import from_pretrained
 from trm.grounded import GROUNDING_FILE, GroundedSettings
 from trm.recipe import RecipeError, parse_recipe
@@ -51,7 +51,7 @@ def load_phase1_model(path: str | None):
 
 
 def calibrated_grounding(trainer, tokenizer, datasets_, data_args: SftDataArguments, metrics: dict) -> dict[str, str]:
-    """Grounded decoding's prior and proximity weights and no-answer threshold, calibrated on held-out SQuAD v2.0
+    """Grounded decoding's weights (prior, proximity, length bonus) and no-answer threshold, calibrated on held-out SQuAD v2.0
     questions (articles never trained on), as the model's `grounding.json`: `make ask`, chat and `make serve` answer
     at that operating point out of the box."""
     if "calibration" not in datasets_ or not trainer.is_world_process_zero():
@@ -66,13 +66,12 @@ def calibrated_grounding(trainer, tokenizer, datasets_, data_args: SftDataArgume
         return {}
     by_weights = calibration.pop("has_answer_span_f1_by_weights")
     metrics.update({f"calibration_{key}": value for key, value in calibration.items()})
-    logger.info("prior weight %g, proximity weight %g (answerable questions' span F1 by weights: %s) and no-answer threshold "
-                "%.3f, calibrated on %d held-out SQuAD v2.0 questions: grounded F1 %.1f there, %.0f%% of the unanswerable ones "
-                "abstained on, %.0f%% of all answered", calibration["prior_weight"], calibration["proximity_weight"], by_weights,
-                calibration["no_answer_threshold"], calibration["questions"], calibration["f1_at_threshold"],
-                calibration["no_answer_share"], calibration["answered_share"])
-    settings = GroundedSettings(no_answer_threshold=calibration["no_answer_threshold"], prior_weight=calibration["prior_weight"],
-                                proximity_weight=calibration["proximity_weight"])
+    weights = {name: calibration[name] for name in WEIGHT_CHOICES}
+    logger.info("%s (answerable questions' span F1 by weights: %s) and no-answer threshold %.3f, calibrated on %d held-out "
+                "SQuAD v2.0 questions: grounded F1 %.1f there, %.0f%% of the unanswerable ones abstained on, %.0f%% of all "
+                "answered", weights_name(weights), by_weights, calibration["no_answer_threshold"], calibration["questions"],
+                calibration["f1_at_threshold"], calibration["no_answer_share"], calibration["answered_share"])
+    settings = GroundedSettings(no_answer_threshold=calibration["no_answer_threshold"], **weights)
     return {GROUNDING_FILE: settings.to_json()}
 
 
@@ -143,8 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
             "reading-comprehension layout": data_args.squad_layout,
             "abstention-aware SQuAD v2.0 instruction": data_args.squad_abstain_instruction,
             **({"grounded decoding (grounding.json)": (
-                f"prior weight {metrics['calibration_prior_weight']:g}, proximity weight "
-                f"{metrics['calibration_proximity_weight']:g}, no-answer threshold "
+                f"{weights_name({name: metrics[f'calibration_{name}'] for name in WEIGHT_CHOICES})}, no-answer threshold "
                 f"{metrics['calibration_no_answer_threshold']:.3f}, calibrated on {metrics['calibration_questions']} held-out "
                 f"SQuAD v2.0 questions (F1 {metrics['calibration_f1_at_threshold']:.1f}, "
                 f"{metrics['calibration_no_answer_share']:.0f}% of the unanswerable abstained on, "

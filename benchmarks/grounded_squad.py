@@ -5,8 +5,8 @@
 
 - SQuAD v1.1: free greedy decoding vs grounded decoding that always answers with a span (no question is
   unanswerable there), with the mean seconds per question of each on this machine; with a prior weight, also
-  the F1 at each pair of (prior, proximity) weights calibration chooses from, and at the pair chosen on the
-  other half of the articles.
+  the F1 at each combination of weights calibration chooses among (prior, proximity, length bonus), and at the
+  combination chosen on the other half of the articles.
 - SQuAD v2.0: free decoding; grounded with margin 0 (the likelier of best span and no-answer reply wins);
   grounded with the no-answer threshold calibrated the SQuAD 2.0 way (best F1), and calibrated for the
   best HasAns F1 that still abstains on >= 70% of unanswerable questions. Both are cross-fitted by
@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.prompt_format import NO_ANSWER_REPLY  # noqa: E402
 from run_eval import write_json_atomically  # noqa: E402
 from trm.evaluation import (  # noqa: E402
-    best_f1, free_squad_answer, grounded_squad_answers, grounded_squad_scores, span_f1_by_weights, squad_questions, weights_name,
+    best_f1, best_weights, free_squad_answer, grounded_squad_answers, grounded_squad_scores, span_f1_by_weights, squad_questions,
+    weights_name,
 )
 from trm.generation import load_model  # noqa: E402
-from trm.grounded import GroundedSettings, calibrate_no_answer_threshold  # noqa: E402
+from trm.grounded import WEIGHT_HELP, GroundedSettings, add_weight_arguments, calibrate_no_answer_threshold, weight_overrides  # noqa: E402
 from trm.metrics.squad.squad import exact_match  # noqa: E402
 
 
@@ -61,15 +62,13 @@ def main() -> None:
     parser.add_argument("--squad_file", required=True)
     parser.add_argument("--squad_v2_file", required=True)
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--prior_weight", type=float, default=None, help="override grounded decoding's prior weight")
-    parser.add_argument("--proximity_weight", type=float, default=None, help="override grounded decoding's proximity weight")
+    add_weight_arguments(parser)
     parser.add_argument("--v1_only", action="store_true", help="SQuAD v1.1 only")
     parser.add_argument("--report", default="cache/grounded_squad.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model_name_or_path)
-    settings = GroundedSettings.for_model(args.model_name_or_path, no_answer_threshold=0.0, prior_weight=args.prior_weight,
-                                          proximity_weight=args.proximity_weight)
+    settings = GroundedSettings.for_model(args.model_name_or_path, no_answer_threshold=0.0, **weight_overrides(args))
     report, table = {"model": args.model_name_or_path, "settings": vars(settings)}, []
 
     def free(row, may_abstain):
@@ -88,23 +87,23 @@ def main() -> None:
                       "grounded": {**scores([s.answer(always).answer if s else "" for s in scored], rows),
                                    "seconds_per_question": grounded_seconds}}
     table += [("SQuAD v1.1", "free (greedy)", report["v1.1"]["free"]),
-              ("SQuAD v1.1", f"grounded (always a span), prior weight {settings.prior_weight:g}, proximity weight "
-                             f"{settings.proximity_weight:g}", report["v1.1"]["grounded"])]
+              ("SQuAD v1.1", f"grounded (always a span), {weights_name({n: getattr(settings, n) for n in WEIGHT_HELP})}",
+               report["v1.1"]["grounded"])]
     kept = [(s, r) for s, r in zip(scored, rows) if s is not None]
     if settings.prior_weight and len({r["title"] for _, r in kept}) > 1:  # the rescored spans carry their priors:
         # every pair of weights can be judged from this one pass; choosing one needs other articles to choose it on
-        report["v1.1"]["f1_by_weights"] = {weights_name(*pair): f1 for pair, f1 in span_f1_by_weights(kept, settings).items()}
+        report["v1.1"]["f1_by_weights"] = {weights_name(weights): f1 for weights, f1 in span_f1_by_weights(kept, settings)}
         titles = sorted({r["title"] for _, r in kept})
         folds = [set(titles[0::2]), set(titles[1::2])]
         chosen = {}
         for n, fold in enumerate(folds):  # as phase 2 calibrates them, on the other fold's questions
-            by_weights = span_f1_by_weights([(s, r) for s, r in kept if r["title"] not in fold], settings)
-            chosen[n] = max(by_weights, key=by_weights.get)
+            chosen[n] = best_weights(span_f1_by_weights([(s, r) for s, r in kept if r["title"] not in fold], settings))
         fold_of = {t: n for n, fold in enumerate(folds) for t in fold}
         name = "grounded, weights chosen on the other articles"
-        report["v1.1"][name] = {**scores([s.answer(always, *chosen[fold_of[r["title"]]]).span for s, r in kept], [r for _, r in kept]),
+        report["v1.1"][name] = {**scores([s.answer(replace(always, **chosen[fold_of[r["title"]]])).span for s, r in kept],
+                                         [r for _, r in kept]),
                                 "folds": [sorted(f) for f in folds], "weights": chosen}
-        table.append(("SQuAD v1.1", f"{name} ({'; '.join(weights_name(*pair) for pair in chosen.values())})", report["v1.1"][name]))
+        table.append(("SQuAD v1.1", f"{name} ({'; '.join(weights_name(weights) for weights in chosen.values())})", report["v1.1"][name]))
 
     if not args.v1_only:
         rows = squad_questions(args.squad_v2_file, args.limit, "squad_v2")

@@ -10,7 +10,9 @@ SQuAD file's articles and the `--corpus` documents as distractors. Reported:
 - end to end, EM / F1 of grounded answers (always a span: every SQuAD v1.1 question has an answer) for
   several ways of choosing among the k passages, and seconds per question on this machine. `run_ask`
   abstains when the model answers from none of the passages; its threshold is the one stored with the
-  model (`grounding.json`, else 0), and an abstention scores 0 here.
+  model (`grounding.json`, else 0), and an abstention scores 0 here. Also `run_ask` at fixed thresholds, and with
+  `--recipe_thresholds REPORT` at the no-answer thresholds `benchmarks/grounded_squad.py` calibrated for NoAns >= 70%
+  on the other articles' v2.0 questions (its report), the operating point a recipe-made model stores.
 """
 
 from __future__ import annotations
@@ -71,20 +73,24 @@ def rank_and_margin(per_question: list[dict], questions: int) -> dict:
 THRESHOLDS = (-1e9, -16.0, -12.0, -8.0, -4.0, -2.0, 0.0, 1.0, 2.0, 3.0, 4.0)  # -1e9: always answer, from the top passage
 
 
-def run_ask_at_thresholds(per_question: list[dict], questions: int) -> dict:
-    """`run_ask`'s rule (the first passage in BM25 order whose margin passes the threshold, else abstain) at each
-    threshold: end-to-end EM / F1 and the share of questions answered."""
-    results = {}
-    for threshold in THRESHOLDS:
-        em = f1 = answered = 0.0
-        for q in per_question:
-            chosen = next((span for span, margin in zip(q["spans"], q["margins"]) if margin > threshold), "")
-            answered += bool(chosen)
-            em += max(exact_match(chosen, a) for a in q["answers"]) if chosen else 0.0
-            f1 += best_f1(chosen, q["answers"]) if chosen else 0.0
-        n = max(questions, 1)
-        results[f"{threshold:g}"] = {"exact": 100 * em / n, "f1": 100 * f1 / n, "answered": 100 * answered / n}
-    return results
+def run_ask_scores(per_question: list[dict], questions: int, threshold_of) -> dict:
+    """`run_ask`'s rule (the first passage in BM25 order whose margin passes the question's threshold, else
+    abstain): end-to-end EM / F1 and the share of questions answered."""
+    em = f1 = answered = 0.0
+    for q in per_question:
+        chosen = next((span for span, margin in zip(q["spans"], q["margins"]) if margin > threshold_of(q)), "")
+        answered += bool(chosen)
+        em += max(exact_match(chosen, a) for a in q["answers"]) if chosen else 0.0
+        f1 += best_f1(chosen, q["answers"]) if chosen else 0.0
+    n = max(questions, 1)
+    return {"exact": 100 * em / n, "f1": 100 * f1 / n, "answered": 100 * answered / n}
+
+
+def recipe_thresholds(path: str) -> dict[str, float]:
+    """Each article's NoAns >= 70% threshold from a `benchmarks/grounded_squad.py` report: the one calibrated on
+    the other fold of articles."""
+    calibrated = load_json_document(path)["v2.0"]["grounded, calibrated for NoAns >= 70% (cross-fitted by article)"]
+    return {title: calibrated["thresholds"][str(fold)] for fold, titles in enumerate(calibrated["folds"]) for title in titles}
 
 
 def index_squad_articles(index: PassageIndex, path: str, tokenizer) -> dict:
@@ -104,8 +110,11 @@ def main() -> None:
     parser.add_argument("--index", default="cache/open_domain.sqlite")
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--recipe_thresholds", metavar="GROUNDED_SQUAD_REPORT",
+                        help="also score run_ask at the NoAns >= 70%% thresholds of this benchmarks/grounded_squad.py report")
     parser.add_argument("--report", default="cache/open_domain_squad.json")
     args = parser.parse_args()
+    by_title = recipe_thresholds(args.recipe_thresholds) if args.recipe_thresholds else None
     model, tokenizer = load_model(args.model_name_or_path)
     index = PassageIndex(args.index, create=True)
     for path in args.corpus:
@@ -114,6 +123,9 @@ def main() -> None:
     settings = GroundedSettings.for_model(args.model_name_or_path)
 
     rows = squad_questions(args.squad_file, args.limit)
+    if by_title and {row["title"] for row in rows} - by_title.keys():
+        parser.error(f"{args.recipe_thresholds} has no threshold for {sorted({row['title'] for row in rows} - by_title.keys())}: "
+                     "it must come from grounded_squad.py on the same articles")
     hits_1 = hits_k = answer_hits = 0
     totals = {name: [0.0, 0.0] for name in CHOOSERS}
     search_seconds = answer_seconds = 0.0
@@ -145,7 +157,10 @@ def main() -> None:
             examples.append({"question": row["question"], "answers": row["answers"], "retrieved": [p.title for p in passages],
                              "gold_in_top_k": bool(gold & set(ids)), "replies": choices})
     combined = rank_and_margin(per_question, len(rows))
-    thresholds = run_ask_at_thresholds(per_question, len(rows))
+    thresholds = {f"{t:g}": run_ask_scores(per_question, len(rows), lambda q, t=t: t) for t in THRESHOLDS}
+    if by_title:
+        thresholds["recipe (NoAns >= 70%, calibrated on the other articles)"] = {
+            **run_ask_scores(per_question, len(rows), lambda q: by_title[q["title"]]), "thresholds": by_title}
     passages_indexed = len(index)
     index.close()
     n = len(rows)

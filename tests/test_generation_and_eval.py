@@ -151,8 +151,8 @@ def test_calibration_stores_a_threshold_that_grounded_evaluation_then_uses(model
     report = run_eval.main([str(model_dir), "--calibrate_no_answer", str(squad), "--squad_v2_file", str(squad), "--decoding", "grounded"])
     stored = json.loads((model_dir / "grounding.json").read_text())
     assert stored["no_answer_threshold"] == pytest.approx(report["calibration"]["no_answer_threshold"])
-    assert (stored["prior_weight"], stored["proximity_weight"]) == (report["calibration"]["prior_weight"],
-                                                                    report["calibration"]["proximity_weight"])
+    for name in ("prior_weight", "proximity_weight", "length_bonus"):
+        assert stored[name] == report["calibration"][name]
     # The evaluation that follows uses the stored threshold and reaches the F1 calibration promised.
     assert report["squad_v2.0 grounded"]["f1"] == pytest.approx(report["calibration"]["f1_at_threshold"])
     assert "squad_v2.0 free" not in report

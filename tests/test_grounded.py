@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_scores_are_the_model_likelihood_and_the_best_span_wins(tokenizer):
     passage = "The Rhine ends in Hoek van Holland, near Rotterdam."
     question = "Where does the Rhine end?"
     model = _random_model(seed=1)
-    config = GroundedSettings(max_answer_tokens=8, start_candidates=100, prior_weight=0.0, proximity_weight=0.0)
+    config = GroundedSettings(max_answer_tokens=8, start_candidates=100, prior_weight=0.0, proximity_weight=0.0, length_bonus=0.0)
     answer = answer_from_passage(model, tokenizer, passage, question, config)
     assert answer.span_score == pytest.approx(_reply_logprob(model, tokenizer, passage, question, answer.span), abs=1e-3)
     assert answer.no_answer_score == pytest.approx(_reply_logprob(model, tokenizer, passage, question, NO_ANSWER_REPLY), abs=1e-3)
@@ -88,20 +89,22 @@ def test_the_prior_subtracts_each_replys_likelihood_without_the_question(tokeniz
     spans |= {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
     chosen = {}
     for weight in (0.5, 1.0):
-        config = GroundedSettings(max_answer_tokens=8, start_candidates=100, prior_weight=weight, proximity_weight=0.0)
+        config = GroundedSettings(max_answer_tokens=8, start_candidates=100, prior_weight=weight, proximity_weight=0.0,
+                                  length_bonus=0.0)
         answer = answer_from_passage(model, tokenizer, passage, question, config)
         assert answer.span_score == pytest.approx(combined(answer.span, weight), abs=1e-3)
         assert answer.no_answer_score == pytest.approx(combined(NO_ANSWER_REPLY, weight), abs=1e-3)
         best = max(combined(span, weight) for span in spans if len(tokenizer(" " + span)["input_ids"]) <= 8)
         assert answer.span_score == pytest.approx(best, abs=1e-3)
         chosen[weight] = answer.span
-    # Rescoring only the best few spans by the question's score keeps the best of those.
+    # Rescoring only the best few spans by the question's score and their length keeps the best of those.
     monkeypatch.setattr(trm.grounded, "PRIOR_RESCORED_SPANS", 2)
-    wide = GroundedSettings(max_answer_tokens=8, start_candidates=100, proximity_weight=0.0)
+    wide = GroundedSettings(max_answer_tokens=8, start_candidates=100, proximity_weight=0.0,
+                            length_bonus=trm.grounded.RESCORED_LENGTH_BONUS)
     scored = trm.grounded.score_replies(model, tokenizer, passage, question, wide)
     assert len(scored.spans) == 2
-    plain = answer_from_passage(model, tokenizer, passage, question, GroundedSettings(**{**vars(wide), "prior_weight": 0.0}))
-    assert scored.answer(wide, prior_weight=0.0).span == plain.span
+    plain = answer_from_passage(model, tokenizer, passage, question, replace(wide, prior_weight=0.0))
+    assert scored.answer(replace(wide, prior_weight=0.0)).span == plain.span
 
 
 def test_the_threshold_decides_between_span_and_abstention(tokenizer):
@@ -149,32 +152,39 @@ def test_calibration_picks_the_threshold_that_maximises_f1():
 
 def test_calibration_chooses_the_smallest_weights_with_the_best_spans_then_their_threshold(monkeypatch):
     import trm.evaluation
+    from trm.evaluation import weight_choices
     from trm.grounded import ScoredReplies
 
     # Question 1: "Basel" is likelier, but also likelier without the question; above a prior weight of 1/6 the answer
     # "Hoek van Holland" wins, and so it does at any prior weight once the proximity (0.5 against 0.1) counts 3 times
-    # or more. Question 2 has no answer.
-    scored = [ScoredReplies([("Basel", 0, -1.0, -0.5, 2, 0.1), ("Hoek van Holland", 10, -1.5, -3.5, 4, 0.5)], (-2.0, -1.0, 12)),
-              ScoredReplies([("Oxygen", 0, -3.0, -1.0, 2, 0.0)], (-1.0, -2.0, 12))]
+    # or more, or once each of its 4 tokens (against 1) earns more than 1/6. Question 2 has no answer.
+    scored = [ScoredReplies([("Basel", 0, -1.0, -0.5, 1, 0.1), ("Hoek van Holland", 10, -1.5, -3.5, 4, 0.5)], (-2.0, -1.0)),
+              ScoredReplies([("Oxygen", 0, -3.0, -1.0, 1, 0.0)], (-1.0, -2.0))]
     rows = [{"context": "", "question": "", "answers": ["Hoek van Holland"]}, {"context": "", "question": "", "answers": []}]
     monkeypatch.setattr(trm.evaluation, "grounded_squad_scores", lambda *args, **kwargs: scored)
-    result = trm.evaluation.calibrate_grounding_on(None, None, rows, GroundedSettings(), "toy", prior_weights=(0.0, 0.25, 0.5),
-                                                   proximity_weights=(0.0, 3.0))
+
+    def calibrate(choices):
+        return trm.evaluation.calibrate_grounding_on(None, None, rows, GroundedSettings(), "toy", choices=choices)
+
+    result = calibrate({"prior_weight": (0.0, 0.25, 0.5), "proximity_weight": (0.0, 3.0), "length_bonus": (0.0,)})
     assert result["has_answer_span_f1_by_weights"] == {
-        "prior 0, proximity 0": 0.0, "prior 0, proximity 3": 100.0, "prior 0.25, proximity 0": 100.0,
-        "prior 0.25, proximity 3": 100.0, "prior 0.5, proximity 0": 100.0, "prior 0.5, proximity 3": 100.0}
-    assert (result["prior_weight"], result["proximity_weight"]) == (0.0, 3.0)
+        "prior 0, proximity 0, length bonus 0": 0.0, "prior 0, proximity 3, length bonus 0": 100.0,
+        "prior 0.25, proximity 0, length bonus 0": 100.0, "prior 0.25, proximity 3, length bonus 0": 100.0,
+        "prior 0.5, proximity 0, length bonus 0": 100.0, "prior 0.5, proximity 3, length bonus 0": 100.0}
+    assert (result["prior_weight"], result["proximity_weight"], result["length_bonus"]) == (0.0, 3.0, 0.0)
     # The threshold is then calibrated on the margins at those weights: answer 1, abstain on 2 (F1 100).
     margins = [(-1.5 + 3.0 * 0.5) - (-2.0), -3.0 - (-1.0)]
     assert result["no_answer_threshold"] == calibrate_no_answer_threshold(margins, [1.0, 0.0], [True, False])[0]
     assert result["f1_at_threshold"] == 100.0 and result["answered_share"] == 50.0
-    # Without proximity, the smallest prior weight that finds the answer.
-    without = trm.evaluation.calibrate_grounding_on(None, None, rows, GroundedSettings(), "toy", proximity_weights=(0.0,))
-    assert (without["prior_weight"], without["proximity_weight"]) == (0.25, 0.0)
-    # Fixed weights (run_eval --prior_weight/--proximity_weight) are not chosen: they are kept.
-    fixed = trm.evaluation.calibrate_grounding_on(None, None, rows, GroundedSettings(), "toy", prior_weights=(0.0,),
-                                                   proximity_weights=(0.0,))
-    assert (fixed["prior_weight"], fixed["proximity_weight"]) == (0.0, 0.0)
+    # With the proximity and the length bonus fixed at 0, the smallest prior weight that finds the answer.
+    without = calibrate(weight_choices(proximity_weight=0.0, length_bonus=0.0))
+    assert (without["prior_weight"], without["proximity_weight"], without["length_bonus"]) == (0.25, 0.0, 0.0)
+    # With only the length bonus free, the smallest bonus that finds it.
+    lengthwise = calibrate(weight_choices(prior_weight=0.0, proximity_weight=0.0))
+    assert (lengthwise["prior_weight"], lengthwise["proximity_weight"], lengthwise["length_bonus"]) == (0.0, 0.0, 0.25)
+    # Fixed weights (run_eval --prior_weight/--proximity_weight/--length_bonus) are not chosen: they are kept.
+    fixed = calibrate(weight_choices(prior_weight=0.0, proximity_weight=0.0, length_bonus=0.0))
+    assert (fixed["prior_weight"], fixed["proximity_weight"], fixed["length_bonus"]) == (0.0, 0.0, 0.0)
 
 
 def test_proximity_is_the_weighted_share_of_the_question_terms_around_a_span():
@@ -216,10 +226,29 @@ def test_each_scored_span_carries_its_proximity_and_the_weight_moves_the_choice(
         assert passage[start:start + len(text)] == text
         assert proximity == pytest.approx(proximity_to_question(passage, question, [(start, start + len(text))])[0])
     closest = max(proximity for *_, proximity in scored.spans)
-    chosen = scored.answer(settings, proximity_weight=1e6)
+    chosen = scored.answer(replace(settings, proximity_weight=1e6))
     assert [p for text, start, *_, p in scored.spans if (text, start) == (chosen.span, chosen.char_start)] == [closest]
     assert closest > 0
-    assert scored.answer(settings, proximity_weight=0.0).span_score < chosen.span_score
+    assert scored.answer(replace(settings, proximity_weight=0.0)).span_score < chosen.span_score
+
+
+def test_the_length_bonus_rewards_each_token_of_a_span(tokenizer):
+    from trm.grounded import score_replies
+
+    passage, question = "The Rhine ends in the North Sea near Hoek van Holland.", "Where does the Rhine end?"
+    settings = GroundedSettings(max_answer_tokens=6, start_candidates=100, proximity_weight=0.0, length_bonus=0.0)
+    scored = score_replies(_random_model(seed=6), tokenizer, passage, question, settings)
+    for text, _, _, _, tokens, _ in scored.spans:  # a span's tokens are the reply's, its end token aside
+        assert tokens == len(tokenizer(" " + text)["input_ids"])
+    plain = scored.answer(settings)
+    longest = scored.answer(replace(settings, length_bonus=1e3))
+    assert len(tokenizer(" " + longest.span)["input_ids"]) == max(tokens for *_, tokens, _ in scored.spans)
+    # The bonus is the span's alone: the no-answer reply's score does not move, so the margin grows with it.
+    assert longest.no_answer_score == plain.no_answer_score
+    bonus = 0.25
+    bonused = scored.answer(replace(settings, length_bonus=bonus))
+    assert bonused.span_score == pytest.approx(max(score - settings.prior_weight * prior + bonus * tokens
+                                                   for _, _, score, prior, tokens, _ in scored.spans))
 
 
 def test_spans_start_and_end_at_whole_words(tokenizer):
@@ -243,7 +272,7 @@ def test_settings_are_stored_beside_the_model(tmp_path):
     # A file calibrated before a weight existed keeps that weight off: its threshold was set without it.
     (tmp_path / "grounding.json").write_text(json.dumps({"no_answer_threshold": -1.5}))
     older = GroundedSettings.for_model(tmp_path)
-    assert (older.no_answer_threshold, older.prior_weight, older.proximity_weight) == (-1.5, 0.0, 0.0)
+    assert (older.no_answer_threshold, older.prior_weight, older.proximity_weight, older.length_bonus) == (-1.5, 0.0, 0.0, 0.0)
     assert GroundedSettings.for_model(tmp_path, proximity_weight=3.0).proximity_weight == 3.0
 
 

@@ -221,8 +221,8 @@ def test_phase2_calibrates_its_no_answer_threshold_on_held_out_squad_v2_articles
     output_dir = tmp_path / "phase2"
     stored = GroundedSettings.for_model(output_dir)
     assert stored.no_answer_threshold == metrics["calibration_no_answer_threshold"]
-    assert (stored.prior_weight, stored.proximity_weight) == (metrics["calibration_prior_weight"],
-                                                              metrics["calibration_proximity_weight"])
+    for name in ("prior_weight", "proximity_weight", "length_bonus"):
+        assert getattr(stored, name) == metrics[f"calibration_{name}"]
     assert metrics["calibration_questions"] >= 6 and 0 <= metrics["calibration_answered_share"] <= 100
     # The stored threshold is the one that maximises F1 on those held-out questions for the saved model.
     from data.sft import SftDataArguments, prepare_sft_data
@@ -236,7 +236,8 @@ def test_phase2_calibrates_its_no_answer_threshold_on_held_out_squad_v2_articles
     again = calibrate_grounding_on(model, tokenizer, rows, GroundedSettings(), "held out", min_no_answer=0.7)
     assert again["no_answer_share"] >= 70.0  # the operating point phase 2 stores
     assert again["no_answer_threshold"] == pytest.approx(stored.no_answer_threshold, abs=1e-4)
-    assert (again["prior_weight"], again["proximity_weight"]) == (stored.prior_weight, stored.proximity_weight)
+    for name in ("prior_weight", "proximity_weight", "length_bonus"):
+        assert again[name] == getattr(stored, name)
     assert "grounded decoding (grounding.json)" in (output_dir / "README.md").read_text()
 
 

@@ -12,8 +12,8 @@ Design decisions:
   without its passage is counted and scored as unanswered. A reply equal to the fixed no-answer reply
   counts as "no answer". Scores come from the local `evaluate` metric in `trm/metrics/squad`, offline.
 - SQuAD is scored with free greedy generation or with grounded decoding (`trm.grounded`); its operating point
-  (prior and proximity weights, then the no-answer threshold) is calibrated on SQuAD v2.0 questions by
-  `calibrate_grounding_on`, every pair of weights judged from one scoring pass per question.
+  (the prior and proximity weights and the length bonus, then the no-answer threshold) is calibrated on SQuAD v2.0
+  questions by `calibrate_grounding_on`, every combination of weights judged from one scoring pass per question.
 - Instruction following: each fixed instruction is answered greedily; a reply "in format" is non-empty,
   ends with `<|endoftext|>` by itself and does not start another turn. Prompt plus reply never exceed
   the context: an instruction too long for it is counted in the report instead of crashing the run.
@@ -21,6 +21,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -43,8 +44,11 @@ from trm.grounded import (
 from trm.metrics.squad.squad import f1 as squad_f1
 
 SQUAD_METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "squad"
-PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the weights of grounded decoding that calibration chooses from
-PROXIMITY_WEIGHTS = (0.0, 3.0, 6.0, 12.0)
+WEIGHT_CHOICES = {  # the weights of grounded decoding (`trm.grounded.WEIGHT_HELP`) calibration chooses among, smaller first
+    "prior_weight": (0.0, 0.25, 0.5, 0.75, 1.0),
+    "proximity_weight": (0.0, 3.0, 6.0, 12.0),
+    "length_bonus": (0.0, 0.25, 0.5, 1.0),
+}
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
@@ -187,56 +191,66 @@ def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: s
             "answered_f1": 100.0 * sum(answered) / len(answered) if answered else None, "examples": examples}
 
 
-def weights_name(prior_weight: float, proximity_weight: float) -> str:
-    """How reports name a pair of grounded decoding's weights."""
-    return f"prior {prior_weight:g}, proximity {proximity_weight:g}"
+def weights_name(weights: dict[str, float]) -> str:
+    """How reports name a combination of grounded decoding's weights."""
+    return ", ".join(f"{name.replace('_weight', '').replace('_', ' ')} {value:g}" for name, value in weights.items())
+
+
+def weight_choices(**fixed: float | None) -> dict[str, tuple[float, ...]]:
+    """`WEIGHT_CHOICES`, with each weight given a value (not None) fixed at it."""
+    return {name: values if fixed.get(name) is None else (fixed[name],) for name, values in WEIGHT_CHOICES.items()}
 
 
 def span_f1_by_weights(scored: list[tuple[ScoredReplies, dict]], settings: GroundedSettings,
-                       prior_weights: tuple[float, ...] = PRIOR_WEIGHTS,
-                       proximity_weights: tuple[float, ...] = PROXIMITY_WEIGHTS) -> dict[tuple[float, float], float]:
+                       choices: dict[str, tuple[float, ...]] = WEIGHT_CHOICES) -> list[tuple[dict[str, float], float]]:
     """Mean F1 (0-100) of the best span (never abstaining) over the answerable (scored replies, row) pairs, for each
-    (prior weight, proximity weight), smaller weights first."""
+    combination of the weights' choices, smaller weights first (the earlier weights vary slowest)."""
     always = replace(settings, allow_no_answer=False)
     answerable = [(s, row) for s, row in scored if row["answers"]]
-    return {(prior, proximity): 100.0 * sum(best_f1(s.answer(always, prior, proximity).span, row["answers"])
-                                            for s, row in answerable) / max(1, len(answerable))
-            for prior in prior_weights for proximity in proximity_weights}
+    results = []
+    for values in itertools.product(*choices.values()):
+        weights = dict(zip(choices, values))
+        chosen = replace(always, **weights)
+        results.append((weights, 100.0 * sum(best_f1(s.answer(chosen).span, row["answers"]) for s, row in answerable)
+                        / max(1, len(answerable))))
+    return results
+
+
+def best_weights(span_f1: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """The combination with the best span F1; of equals, the first (the smaller weights)."""
+    return max(span_f1, key=lambda pair: pair[1])[0]
 
 
 def calibrate_grounding(model, tokenizer, path: str, limit: int | None, settings: GroundedSettings,
-                        min_no_answer: float | None = None, prior_weights: tuple[float, ...] = PRIOR_WEIGHTS,
-                        proximity_weights: tuple[float, ...] = PROXIMITY_WEIGHTS) -> dict:
+                        min_no_answer: float | None = None, choices: dict[str, tuple[float, ...]] = WEIGHT_CHOICES) -> dict:
     """Grounded answers on a SQuAD v2.0 file, then the weights and the no-answer threshold for them."""
-    return calibrate_grounding_on(model, tokenizer, squad_questions(path, limit, "squad_v2"), settings, path, min_no_answer,
-                                  prior_weights, proximity_weights)
+    return calibrate_grounding_on(model, tokenizer, squad_questions(path, limit, "squad_v2"), settings, path, min_no_answer, choices)
 
 
 def calibrate_grounding_on(model, tokenizer, rows: list[dict], settings: GroundedSettings, name: str,
-                           min_no_answer: float | None = None, prior_weights: tuple[float, ...] = PRIOR_WEIGHTS,
-                           proximity_weights: tuple[float, ...] = PROXIMITY_WEIGHTS) -> dict:
-    """Grounded decoding's operating point on SQuAD v2.0 rows (`context`, `question`, `answers`): the (prior,
-    proximity) weights whose best spans score the highest F1 on the answerable rows (ties: the smaller weights;
-    a prior weight of 0 is the cheaper decoding), then the no-answer threshold at them that maximises F1, or, with
-    `min_no_answer`, the one that answers most while abstaining on that share of the unanswerable rows."""
-    scored = [(s, row) for s, row in zip(grounded_squad_scores(model, tokenizer, rows, settings, with_prior=any(prior_weights)), rows)
-              if s is not None]
+                           min_no_answer: float | None = None, choices: dict[str, tuple[float, ...]] = WEIGHT_CHOICES) -> dict:
+    """Grounded decoding's operating point on SQuAD v2.0 rows (`context`, `question`, `answers`): the weights whose
+    best spans score the highest F1 on the answerable rows (ties: the smaller weights; a prior weight of 0 is the
+    cheaper decoding), then the no-answer threshold at them that maximises F1, or, with `min_no_answer`, the one
+    that answers most while abstaining on that share of the unanswerable rows."""
+    with_prior = any(choices["prior_weight"])
+    scored = [(s, row) for s, row in zip(grounded_squad_scores(model, tokenizer, rows, settings, with_prior), rows) if s is not None]
     if not any(row["answers"] for _, row in scored) or all(row["answers"] for _, row in scored):
         raise DataError(f"{name}: calibration needs answerable and unanswerable questions (SQuAD v2.0).")
-    span_f1 = span_f1_by_weights(scored, settings, prior_weights, proximity_weights)
-    prior_weight, proximity_weight = max(span_f1, key=span_f1.get)  # the first of equals: the smaller weights
-    answers = [(s.answer(settings, prior_weight, proximity_weight), row) for s, row in scored]
+    span_f1 = span_f1_by_weights(scored, settings, choices)
+    weights = best_weights(span_f1)
+    chosen = replace(settings, **weights)
+    answers = [(s.answer(chosen), row) for s, row in scored]
     threshold, _ = calibrate_no_answer_threshold(
         [a.margin for a, _ in answers], [best_f1(a.span, row["answers"]) for a, row in answers],
         [bool(row["answers"]) for _, row in answers], min_no_answer)
     answered = [a.margin > threshold for a, _ in answers]
     f1 = [best_f1(a.span, row["answers"]) if ok else float(not row["answers"]) for ok, (a, row) in zip(answered, answers)]
     unanswerable = [ok for ok, (_, row) in zip(answered, answers) if not row["answers"]]
-    return {"questions": len(answers), "prior_weight": prior_weight, "proximity_weight": proximity_weight,
-            "no_answer_threshold": threshold,
+    return {"questions": len(answers), **weights, "no_answer_threshold": threshold,
             "f1_at_threshold": 100.0 * sum(f1) / len(answers), "no_answer_share": 100.0 * unanswerable.count(False) / len(unanswerable),
             "answered_share": 100.0 * sum(answered) / len(answers), "min_no_answer": min_no_answer,
-            "has_answer_span_f1_by_weights": {weights_name(*pair): round(v, 2) for pair, v in span_f1.items()}}
+            "has_answer_span_f1_by_weights": {weights_name(w): round(v, 2) for w, v in span_f1}}
 
 
 def instruction_evaluation(model, tokenizer, instructions: list[str], max_new_tokens: int = 128) -> dict:

@@ -15,16 +15,19 @@ Design decisions:
   positions of shorter rows are not projected).
 - `prior_weight` subtracts that share of each reply's score under the same passage with an empty question
   (the model's taste for a reply whatever is asked: surface-form competition). Only the best
-  `PRIOR_RESCORED_SPANS` spans by the question's score are rescored, so the prior costs one more prompt pass
-  and one short batch (~1.4x plain grounded decoding).
+  `PRIOR_RESCORED_SPANS` spans by the question's score (and length, below) are rescored, so the prior costs one
+  more prompt pass and one short batch (~1.4x plain grounded decoding).
 - `proximity_weight` adds that multiple of a span's proximity to the question: the weighted share of the
   question's terms among the words around the span (`proximity_to_question`, the sliding window of the SQuAD
   paper's baseline). The small model knows what kind of answer fits but not where the question points: its 16
   best spans hold a far better one than its first (oracle F1 37 against 14 on unseen articles), and its score
   plus the question's words nearby pick it out better than either alone (docs/measurements.md). No model call.
-- Phase 2 chooses both weights with the threshold on its held-out questions (`trm.evaluation.calibrate_grounding_on`);
-  0.5 and 6 without a stored choice (measured in docs/measurements.md). `length_penalty` (off) divides the model's
-  scores by length**penalty, as beam search does.
+- `length_bonus` adds that much per token of a span (a length reward, as machine translation gives): a summed
+  log-probability favours short replies, and the model's likeliest spans are shorter than SQuAD's answers. The
+  rescored spans are picked by their score plus `RESCORED_LENGTH_BONUS` per token, a constant, so that the
+  candidates a calibration chose among are the ones later answers choose among.
+- Phase 2 chooses the three weights with the threshold on its held-out questions (`trm.evaluation.calibrate_grounding_on`);
+  0.5, 6 and 0.5 without a stored choice (measured in docs/measurements.md).
 - Abstention follows SQuAD 2.0 practice: answer when the best span's score beats the no-answer reply's
   by more than a threshold calibrated on a validation split (`calibrate_no_answer_threshold`) and stored
   beside the model (`grounding.json`). Without a stored threshold the margin is 0: the likelier reply wins.
@@ -51,7 +54,8 @@ from data.prompt_format import (
 from data.sft import fit_passage
 
 GROUNDING_FILE = "grounding.json"
-PRIOR_RESCORED_SPANS = 16  # spans rescored by their prior: the best by the question's score
+PRIOR_RESCORED_SPANS = 16  # spans rescored by their prior: the best by the question's score and their length
+RESCORED_LENGTH_BONUS = 0.5  # per token, in picking those spans
 PROXIMITY_WINDOW = 10  # words on either side of a span in which the question's terms count
 WORD_START = "\u0120"  # the byte-level BPE mark of a leading space
 
@@ -60,9 +64,9 @@ WORD_START = "\u0120"  # the byte-level BPE mark of a leading space
 class GroundedSettings:
     max_answer_tokens: int = 16
     start_candidates: int = 24
-    length_penalty: float = 0.0
     prior_weight: float = 0.5
     proximity_weight: float = 6.0
+    length_bonus: float = 0.5
     no_answer_threshold: float = 0.0
     allow_no_answer: bool = True
 
@@ -95,7 +99,7 @@ class GroundedSettings:
             raise DataError(f"{path} must hold a JSON object of grounding settings; delete it or calibrate again.")
         known = {k: v for k, v in stored.items() if k in cls.__dataclass_fields__}
         if path.is_file():
-            known = {"prior_weight": 0.0, "proximity_weight": 0.0, **known}
+            known = {"prior_weight": 0.0, "proximity_weight": 0.0, "length_bonus": 0.0, **known}
         for name, value in known.items():
             default = cls.__dataclass_fields__[name].default
             wanted = bool if isinstance(default, bool) else (int, float) if isinstance(default, float) else int
@@ -106,13 +110,33 @@ class GroundedSettings:
         return cls(**known)
 
 
+WEIGHT_HELP = {  # the settings calibration chooses besides the threshold, as the command lines describe them
+    "prior_weight": "share of a reply's likelihood without the question that is taken off its score (0 = off, faster)",
+    "proximity_weight": "weight of the question's words near a span (0 = off)",
+    "length_bonus": "score added per token of a span (0 = off)",
+}
+
+
+def add_weight_arguments(parser) -> None:
+    """`--prior_weight`, `--proximity_weight` and `--length_bonus` on a command line, each overriding the stored choice."""
+    for name, description in WEIGHT_HELP.items():
+        default = GroundedSettings.__dataclass_fields__[name].default
+        parser.add_argument(f"--{name}", type=float, default=None,
+                            help=f"override grounded decoding's {description}; stored by calibration, else {default:g}")
+
+
+def weight_overrides(args) -> dict[str, float | None]:
+    """The weights a command line fixed (None: not given)."""
+    return {name: getattr(args, name) for name in WEIGHT_HELP}
+
+
 @dataclass
 class GroundedAnswer:
     answer: str                 # the span, or NO_ANSWER_REPLY
     answered: bool
     span: str                   # the best span even when the reply abstains
-    span_score: float           # log P(" {span}<|endoftext|>" | prompt), less prior_weight x its prior, per length**penalty,
-                                # plus proximity_weight x its proximity to the question's terms
+    span_score: float           # log P(" {span}<|endoftext|>" | prompt), less prior_weight x its prior, plus
+                                # proximity_weight x its proximity to the question's terms and length_bonus x its tokens
     no_answer_score: float      # the same for the no-answer reply
     char_start: int             # position of the best span in the passage (-1 if none)
 
@@ -190,25 +214,21 @@ def _ended_reply_scores(model, first, cache, prompt_length: int, rows: list[list
 @dataclass
 class ScoredReplies:
     """A passage's candidate replies to one question, with what each is scored by, ready to be chosen from."""
-    spans: list[tuple[str, int, float, float, int, float]]  # (text, char start in the passage, score, prior or 0, tokens,
-                                                           #  proximity to the question's terms)
-    no_answer: tuple[float, float, int]                    # (score, prior or 0, tokens)
+    spans: list[tuple[str, int, float, float, int, float]]  # (text, char start in the passage, score, prior or 0,
+                                                           #  its tokens, proximity to the question's terms)
+    no_answer: tuple[float, float]                         # (score, prior or 0)
 
-    def answer(self, settings: GroundedSettings, prior_weight: float | None = None,
-               proximity_weight: float | None = None) -> GroundedAnswer:
-        """The best reply by `(score - prior_weight x prior) / length**length_penalty + proximity_weight x proximity`
-        (the no-answer reply has no proximity)."""
-        prior_weight = settings.prior_weight if prior_weight is None else prior_weight
-        proximity_weight = settings.proximity_weight if proximity_weight is None else proximity_weight
-
-        def combined(score: float, prior: float, tokens: int, proximity: float = 0.0) -> float:
-            return (score - prior_weight * prior) / tokens ** settings.length_penalty + proximity_weight * proximity
-
-        no_answer_score = combined(*self.no_answer)
+    def answer(self, settings: GroundedSettings) -> GroundedAnswer:
+        """The best reply by `score - prior_weight x prior`, for a span plus `proximity_weight x proximity +
+        length_bonus x its tokens` (what the no-answer reply lacks: it is not a span)."""
+        score, prior = self.no_answer
+        no_answer_score = score - settings.prior_weight * prior
         if not self.spans:
             return GroundedAnswer(NO_ANSWER_REPLY, False, "", -math.inf, no_answer_score, -1)
-        best_score, span, char_start = max((combined(score, prior, tokens, proximity), text, start)
-                                           for text, start, score, prior, tokens, proximity in self.spans)
+        best_score, span, char_start = max(
+            (score - settings.prior_weight * prior + settings.proximity_weight * proximity + settings.length_bonus * tokens,
+             text, start)
+            for text, start, score, prior, tokens, proximity in self.spans)
         answered = not settings.allow_no_answer or best_score - no_answer_score > settings.no_answer_threshold
         return GroundedAnswer(span if answered else NO_ANSWER_REPLY, answered, span, best_score, no_answer_score, char_start)
 
@@ -245,7 +265,7 @@ def score_replies(model, tokenizer, passage: str, question: str, settings: Groun
         # How likely a reply is after the passage alone: subtracting it removes the model's taste for replies it
         # likes whatever is asked (surface-form competition), leaving what the question adds. Only the best spans
         # are rescored: one short batch instead of a second pass over every candidate.
-        spans = sorted(spans, key=lambda s: s[2] / (s[1] - s[0] + 2) ** settings.length_penalty, reverse=True)
+        spans = sorted(spans, key=lambda s: s[2] + RESCORED_LENGTH_BONUS * (s[1] - s[0] + 1), reverse=True)
         spans = spans[:PRIOR_RESCORED_SPANS]
         prior_prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, "", layout, instruction)}])
         prior_ids = tokenizer(prior_prompt, add_special_tokens=False)["input_ids"]
@@ -258,9 +278,9 @@ def score_replies(model, tokenizer, passage: str, question: str, settings: Groun
         text = prompt[char_start:passage_offsets[b][1]].strip()
         texts.append((text, prompt.index(text, char_start) - passage_start))
     proximities = proximity_to_question(passage.strip(), question, [(start, start + len(text)) for text, start in texts])
-    return ScoredReplies([(text, start, score, prior, b - a + 2, proximity)
+    return ScoredReplies([(text, start, score, prior, b - a + 1, proximity)
                           for (text, start), (a, b, score), prior, proximity in zip(texts, spans, priors, proximities)],
-                         (no_answer, priors[-1], len(no_answer_ids) + 1))
+                         (no_answer, priors[-1]))
 
 
 def answer_from_passage(model, tokenizer, passage: str, question: str, settings: GroundedSettings) -> GroundedAnswer:
