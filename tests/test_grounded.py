@@ -286,3 +286,15 @@ def test_calibration_can_require_a_share_of_abstentions():
     assert threshold == 1.0 and has_answer_f1 == pytest.approx(100 / 3)
     threshold, has_answer_f1 = calibrate_no_answer_threshold(margins, span_f1, has_answer, min_no_answer=1.0)
     assert threshold == 3.0 and has_answer_f1 == 0.0
+
+
+def test_calibration_chooses_exactly_the_weights_the_command_lines_override():
+    from dataclasses import fields
+
+    from trm.evaluation import WEIGHT_CHOICES
+    from trm.grounded import WEIGHT_HELP
+
+    assert list(WEIGHT_CHOICES) == list(WEIGHT_HELP)
+    assert set(WEIGHT_HELP) <= {f.name for f in fields(GroundedSettings)}
+    for name, values in WEIGHT_CHOICES.items():  # the default (no stored choice) is among the choices, smaller first
+        assert getattr(GroundedSettings(), name) in values and list(values) == sorted(values) and values[0] == 0.0
