@@ -89,7 +89,10 @@ def run_ask_scores(per_question: list[dict], questions: int, threshold_of) -> di
 def recipe_thresholds(path: str) -> dict[str, float]:
     """Each article's NoAns >= 70% threshold from a `benchmarks/grounded_squad.py` report: the one calibrated on
     the other fold of articles."""
-    calibrated = load_json_document(path)["v2.0"]["grounded, calibrated for NoAns >= 70% (cross-fitted by article)"]
+    try:
+        calibrated = load_json_document(path)["v2.0"]["grounded, calibrated for NoAns >= 70% (cross-fitted by article)"]
+    except (KeyError, TypeError):
+        raise SystemExit(f"{path} holds no SQuAD v2.0 thresholds: run benchmarks/grounded_squad.py without --v1_only.") from None
     return {title: calibrated["thresholds"][str(fold)] for fold, titles in enumerate(calibrated["folds"]) for title in titles}
 
 
