@@ -77,3 +77,36 @@ def test_a_resumed_run_keeps_the_shape_its_plan_holds_and_a_foreign_plan_is_refu
     (tmp_path / SHAPE_PLAN).write_text(json.dumps({"config_name": "configs/gpt2-wide-384.json"}))
     with pytest.raises(DataError, match="names no shape of shape_ladder"):
         plan_phase1_shape(ladder, 100, 256, 6.0, args, False, "checkpoint-250", None)
+
+
+def _drive_time_plan(tmp_path, monkeypatch, seconds_per_step: float, budget_s: float, cap: int) -> SimpleNamespace:
+    """TrainingTimePlan over a run whose steps take `seconds_per_step` on a fake clock, as the Trainer calls it;
+    returns the state at the end, with the steps at which the plan changed."""
+    import trm.time_budget as time_budget
+
+    clock = [0.0]
+    monkeypatch.setattr(time_budget.time, "perf_counter", lambda: clock[0])
+    trainer = SimpleNamespace(_decay_share=0.2, eval_seconds=0.0, evaluations=0, eval_dataset=[], replans=[])
+    trainer.replan_schedule = lambda steps: trainer.replans.append((state.global_step, steps))
+    state = SimpleNamespace(max_steps=cap, global_step=0, eval_steps=1000, is_world_process_zero=True)
+    args = SimpleNamespace(per_device_train_batch_size=1, gradient_accumulation_steps=1, world_size=1, eval_strategy="steps")
+    plan = time_budget.TrainingTimePlan(budget_s / 3600, str(tmp_path), [trainer], "")
+    plan.on_train_begin(args, state, None)
+    while state.global_step < state.max_steps:
+        clock[0] += seconds_per_step
+        state.global_step += 1
+        plan.on_step_end(args, state, None)
+    state.replans, state.seconds = trainer.replans, clock[0]
+    return state
+
+
+def test_a_budget_shorter_than_measuring_the_pace_is_planned_at_once_and_kept(tmp_path, monkeypatch):
+    # 0.9 s per step (a saturated machine) and 3 s: waiting for the usual 5 measured steps would spend the budget.
+    state = _drive_time_plan(tmp_path, monkeypatch, seconds_per_step=0.9, budget_s=3.0, cap=576)
+    assert state.replans[0] == (2, 3)  # planned after the first measured step: 3 steps of 0.9 s fit 3 s
+    assert state.max_steps == 3 and state.seconds <= 3.0
+    assert json.loads((tmp_path / "time_plan.json").read_text())["max_steps"] == 3
+    # A budget with room for the measurement still waits for it, then plans all it affords.
+    (tmp_path / "roomy").mkdir()
+    state = _drive_time_plan(tmp_path / "roomy", monkeypatch, seconds_per_step=0.1, budget_s=30.0, cap=576)
+    assert state.replans[0][0] == 6 and 295 <= state.max_steps <= 300 and state.seconds <= 30.0

@@ -73,9 +73,10 @@ class TrainingTimePlan(TrainerCallback):
     """`train_hours`: the run measures its own pace here and plans its last step so that the whole run, its
     evaluations included, ends within the budget; never beyond the steps the epoch cap allows.
 
-    The plan is made after the first few optimizer steps and revised at every step while the learning rate is
-    still warming up or stable (the pace of a busy machine changes); once the planned decay has begun it is
-    fixed, so warmup-stable-decay always ends decayed at the planned step. Time spent evaluating is measured
+    The plan is made after the first few optimizer steps (sooner when measuring them would spend the budget) and
+    revised at every step while the learning rate is still warming up or stable (the pace of a busy machine
+    changes); once the planned decay has begun it is fixed, so warmup-stable-decay always ends decayed at the
+    planned step. Time spent evaluating is measured
     apart from training time. The plan is kept in `<output_dir>/time_plan.json`; a resumed run keeps it. When
     the whole run fits with more than a fifth of the budget to spare, the log says so."""
 
@@ -108,7 +109,7 @@ class TrainingTimePlan(TrainerCallback):
             return
         clock_time, clock_step, clock_eval = self.clock
         done = state.global_step - clock_step
-        if self.fixed or done < max(3, min(20, self.cap // 100)):
+        if self.fixed or done < 1:
             return
         if self._decay_started(state):
             self.fixed = True
@@ -116,6 +117,9 @@ class TrainingTimePlan(TrainerCallback):
         now = time.perf_counter()
         elapsed = now - self.started
         pace = (now - clock_time - (trainer.eval_seconds - clock_eval)) / done
+        measuring = max(3, min(20, self.cap // 100))  # steps that make the first plan's pace; fewer if the budget ends first
+        if done < measuring and elapsed + (measuring - done) * pace < self.budget_s:
+            return
         if trainer.evaluations:
             eval_each = trainer.eval_seconds / trainer.evaluations
         else:  # not measured yet: a forward pass over the validation split, about a third of a training step per example
