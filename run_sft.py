@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from huggingface_hub import EvalResult
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, EarlyStoppingCallback, TrainingArguments
 
 from data.hub import HUB_SOURCES
 from data.sft import SftDataArguments, describe_mix, prepare_sft_data
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         validation.remove_columns(["source"]), collator, resume,
         spare_time_advice="" if data_args.fill_train_hours else None,  # its data plan already says what the budget holds
     )
+    trainer.remove_callback(EarlyStoppingCallback)  # training is over: evaluations per source report, nothing stops
     for source in report:  # which sources the model learned, not only the mix's average
         held_out = validation.filter(lambda row: row["source"] == source).remove_columns(["source"])
         if len(held_out):

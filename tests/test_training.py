@@ -152,7 +152,15 @@ def test_phase2_tunes_the_phase1_model_and_refuses_bad_configs(phase1_model, tmp
     with pytest.raises(RuleViolation, match="phase-1 model"):
         run_sft.main([str(recipe), "--model_name_or_path", "null"])
 
-    metrics = run_sft.main([str(recipe)])
+    callback_warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: callback_warnings.append(record.getMessage())
+    logging.getLogger("transformers.trainer_callback").addHandler(handler)
+    try:
+        metrics = run_sft.main([str(recipe)])
+    finally:
+        logging.getLogger("transformers.trainer_callback").removeHandler(handler)
+    assert not [w for w in callback_warnings if "early stopping" in w]  # the evaluations per source, after training, stop nothing
     output_dir = tmp_path / "phase2"
     history = json.loads((output_dir / "training_log.json").read_text())
     eval_losses = [record["eval_loss"] for record in history if "eval_loss" in record]
