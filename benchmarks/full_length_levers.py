@@ -31,7 +31,7 @@ from pathlib import Path
 
 import phase1_levers
 import phase2_levers
-from phase1_levers import chosen_runs, json_ready, run_summary
+from phase1_levers import BLIMP_REPORT, blimp_command, chosen_runs, json_ready, run_summary
 from phase2_levers import evaluation_command, source_arguments, summary, train_then_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,14 +78,17 @@ def main() -> None:
     parser.add_argument("--phase1_runs", default="cosine", help=f"comma-separated, from: {', '.join(PHASE1_LEVERS)}")
     parser.add_argument("--phase2_runs", default="passage_first,lr_1e-3", help=f"comma-separated, from: {', '.join(PHASE2_LEVERS)}")
     parser.add_argument("--eval_limit", type=int, default=150, help="SQuAD questions per file and validation blocks")
+    parser.add_argument("--blimp", help="BLiMP directory for every phase-1 model (default: the shared folder's blimp/)")
+    parser.add_argument("--blimp_pairs_per_paradigm", type=int, default=None, help="a seeded sample of N pairs per paradigm")
     parser.add_argument("--phase1_args", default="", help="extra run_clm.py arguments for every phase-1 run")
     parser.add_argument("--phase2_args", default="", help="extra run_sft.py arguments for every phase-2 run")
     args = parser.parse_args()
     phase1_runs = chosen_runs(parser, args.phase1_runs, PHASE1_LEVERS)
     phase2_runs = chosen_runs(parser, args.phase2_runs, PHASE2_LEVERS)
     shared, output = Path(args.shared), Path(args.output_dir)
-    for path in (shared / "wiki" / "enwiki_pages_sample.jsonl.xz", Path(args.alpaca_file)):
-        if not path.is_file():
+    args.blimp = args.blimp or str(shared / "blimp")
+    for path in (shared / "wiki" / "enwiki_pages_sample.jsonl.xz", Path(args.alpaca_file), Path(args.blimp)):
+        if not path.exists():
             parser.error(f"{path} not found (see the usage above).")
 
     device = device_arguments(args.use_cpu == "true")
@@ -103,8 +106,10 @@ def main() -> None:
         sys.executable, "run_full_recipe.py", "--output_dir", str(recipe_dir), "--phase1_args", shlex.join(phase1),
         "--phase2_args", shlex.join(phase2), "--squad_file", str(shared / "squad" / "unseen-v1.1.json"),
         "--squad_v2_file", str(shared / "squad" / "unseen-v2.0.json"), "--eval_limit", str(args.eval_limit),
+        "--blimp", args.blimp,
+        *(["--blimp_pairs_per_paradigm", str(args.blimp_pairs_per_paradigm)] if args.blimp_pairs_per_paradigm else []),
     ], recipe_dir / "run.log", threads)
-    phase1_levers = {name: launch([
+    phase1_processes = {name: launch([
         sys.executable, "run_clm.py", "recipes/phase1_pretraining.yaml", *phase1, *PHASE1_LEVERS[name],
         "--output_dir", str(output / f"phase1_{name}"), "--resume",
     ], output / f"phase1_{name}" / "run.log", threads) for name in phase1_runs if not (output / f"phase1_{name}" / "training_log.json").is_file()}
@@ -124,8 +129,14 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=max(1, len(phase2_runs))) as pool:
         lever_results = list(pool.map(lambda name: (name, _failure_of(phase2_lever, name)), phase2_runs))
     failures = {name: error for name, error in lever_results if error}
-    failures.update({f"phase1_{name}": f"exit status {code}" for name, process in phase1_levers.items()
+    failures.update({f"phase1_{name}": f"exit status {code}" for name, process in phase1_processes.items()
                      if (code := process.wait()) != 0})
+    for name in phase1_runs:  # BLiMP of each lever's model, as the recipe's phase-1 evaluation scores its own
+        run_dir = output / f"phase1_{name}"
+        if (run_dir / "training_log.json").is_file() and not (run_dir / BLIMP_REPORT).is_file():
+            with (run_dir / "run.log").open("a") as log:
+                if subprocess.run(blimp_command(run_dir.name, args), cwd=ROOT, env=env, stdout=log, stderr=log).returncode:
+                    failures[f"phase1_{name} BLiMP"] = f"see {run_dir / 'run.log'}"
     if recipe.wait() != 0:
         failures["recipe"] = f"exit status {recipe.returncode} (see {recipe_dir / 'run.log'})"
 
