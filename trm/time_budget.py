@@ -76,9 +76,9 @@ class TrainingTimePlan(TrainerCallback):
     The plan is made after the first few optimizer steps (sooner when measuring them would spend the budget) and
     revised at every step while the learning rate is still warming up or stable (the pace of a busy machine
     changes); once the planned decay has begun it is fixed, so warmup-stable-decay always ends decayed at the
-    planned step. Time spent evaluating is measured
-    apart from training time. The plan is kept in `<output_dir>/time_plan.json`; a resumed run keeps it. When
-    the whole run fits with more than a fifth of the budget to spare, the log says so."""
+    planned step. Time spent evaluating is measured apart from training time. The plan is kept in
+    `<output_dir>/time_plan.json`; a resumed run keeps it. When the whole run fits with more than a fifth of the
+    budget to spare, the log says so."""
 
     def __init__(self, hours: float, output_dir: str, trainer_ref: list, spare_advice: str):
         self.budget_s, self.path, self.trainer_ref = 3600.0 * hours, Path(output_dir) / "time_plan.json", trainer_ref
