@@ -31,8 +31,9 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The GPU image (KINDS.md, read 2026-11): transformers 5.17 (this repository needs >= 5.24), no datasets or evaluate.
-DEVICE_PACKAGES = ("transformers", "datasets", "evaluate", "dill", "multiprocess")
+# The GPU image (KINDS.md, read 2026-11): transformers 5.17 (this repository needs >= 5.24), no datasets or evaluate;
+# fsspec at the version datasets accepts.
+DEVICE_PACKAGES = ("transformers", "datasets", "evaluate", "dill", "multiprocess", "fsspec")
 DATA_FILES = ("wiki/enwiki_pages_sample.jsonl.xz", "squad/dev-v1.1.part.json", "squad/dev-v2.0.part.json",
               "squad/unseen-v1.1.json", "squad/unseen-v2.0.json", "dailydialog/train/dialogues_train.txt",
               "instructions/alpaca_eval_outputs.alpaca.json", "instructions/code_alpaca_2k.alpaca.json",

@@ -15,10 +15,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 KIT=.device_kit
 OUT=${OUT:?set OUT to the folder that comes back}
-DEADLINE_S=${DEADLINE_S:-560}
+DEADLINE_S=${DEADLINE_S:-585}  # inside the run's timeout_s of 600
 WORK=outputs/device_session
+DATA=outputs/device_data  # unpacked outside the kit, which travels
 exec > >(tee -a "$OUT/session.log") 2>&1
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # nothing there reaches the network: never wait for it
 
 left() { echo $((DEADLINE_S - SECONDS)); }
 stage() { echo "== $(date -u +%H:%M:%S) +${SECONDS}s: $*"; }
@@ -32,12 +33,12 @@ if [ "${USE_CPU:-false}" != true ]; then
 fi
 PYTHON=${PYTHON:-python3}
 $PYTHON -c "import torch, transformers, datasets, evaluate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__, 'cuda', torch.cuda.is_available())" || exit 1
-rm -rf "$KIT/data" && mkdir -p "$KIT/data" && tar -xJf "$KIT/data.tar.xz" -C "$KIT/data" || exit 1
-$PYTHON benchmarks/shared_data_splits.py "$KIT/data" "$KIT/splits" || exit 1
+rm -rf "$DATA" && mkdir -p "$DATA" && tar -xJf "$KIT/data.tar.xz" -C "$DATA" || exit 1
+$PYTHON benchmarks/shared_data_splits.py "$DATA" "$DATA/splits" || exit 1
 
 stage "the recipe and its levers ($(left) s left)"
-timeout --signal=INT --kill-after=30 $(( $(left) - 100 )) $PYTHON benchmarks/full_length_levers.py \
-    --shared "$KIT/data" --alpaca_file "$KIT/splits/alpaca_merged.json" --output_dir "$WORK" \
+timeout --signal=INT --kill-after=20 $(( $(left) - 45 )) $PYTHON benchmarks/full_length_levers.py \
+    --shared "$DATA" --alpaca_file "$DATA/splits/alpaca_merged.json" --output_dir "$WORK" \
     --use_cpu "${USE_CPU:-false}" --phase1_minutes "${PHASE1_MINUTES:-3.2}" --phase2_minutes "${PHASE2_MINUTES:-1.2}" \
     --phase1_runs "${PHASE1_RUNS:-lr_1e-3}" --phase2_runs "${PHASE2_RUNS:-passage_conversations}" \
     --eval_limit "${EVAL_LIMIT:-400}" ${BLIMP_PAIRS:+--blimp_pairs_per_paradigm "$BLIMP_PAIRS"} > "$WORK.log" 2>&1

@@ -12,8 +12,9 @@ Started together on the same device:
 - once the recipe's phase-1 model exists, phase 2 from it with each of `--phase2_runs` (PHASE2_LEVERS), each
   evaluated on the same unseen articles and instructions (free decoding).
 On a GPU (`--use_cpu false`, the default here) a step is 32 x 256 tokens in one micro-batch: the same optimizer
-steps as the CPU recipe's 8 x 4. Every training stage stops at its time budget (`--max_train_minutes`:
-evaluated, saved and finished), so a bounded lease still reports; a stage that ends before it is full-length.
+steps as the CPU recipe's 8 x 4. Every training stage is given its time budget as the recipe's own `train_hours`:
+it measures its pace and plans its length to end decayed, evaluated and saved within it, so a bounded lease still
+reports comparable models; a stage that reaches its epoch cap is full length, and its report says how far it got.
 Running the same command again continues where it stopped. Writes `summary.json` in `--output_dir`.
 """
 
@@ -93,9 +94,9 @@ def main() -> None:
 
     device = device_arguments(args.use_cpu == "true")
     phase1 = ["--train_file", str(shared / "wiki" / "enwiki_pages_sample.jsonl.xz"), *device, "--disable_tqdm", "true",
-              "--max_train_minutes", str(args.phase1_minutes), *shlex.split(args.phase1_args)]
+              "--train_hours", str(args.phase1_minutes / 60), *shlex.split(args.phase1_args)]
     phase2 = [*source_arguments(shared, args.alpaca_file), *device, "--disable_tqdm", "true",
-              "--max_train_minutes", str(args.phase2_minutes), *shlex.split(args.phase2_args)]
+              "--train_hours", str(args.phase2_minutes / 60), *shlex.split(args.phase2_args)]
     recipe_dir = output / "recipe"
     # Prepared once, before the runs that share it start.
     prepared_validation_dir(FullRecipe(output_dir=recipe_dir, phase1_args=phase1))
