@@ -287,7 +287,7 @@ def test_train_hours_plans_the_run_to_end_decayed_and_saved_within_its_budget(tm
     assert steps[-1]["step"] == plan["max_steps"] and metrics["epoch"] < 3  # the budget, not the epoch cap, ended it
     rates = [r["learning_rate"] for r in steps]
     decay = math.ceil(0.2 * plan["max_steps"])  # the planned decay: the rate falls to the last step
-    assert max(rates) <= 1.01e-2 and rates[-1] < 0.5 * max(rates)
+    assert max(rates) <= 1.01e-2 and rates[-1] <= 0.5 * max(rates)  # half at most: a busy machine affords a 2-step decay
     assert rates[-decay:] == sorted(rates[-decay:], reverse=True) and rates[-1] <= 1.01 * max(rates) / decay
     # The plan fits the budget at the pace measured here; the real time follows it (loosely: a shared CI machine's pace
     # can change after the plan is fixed, at the start of the decay).
