@@ -8,12 +8,12 @@
 # and every lever's numbers), throughput.json, logs.tar.gz (each run's log, training log and evaluation reports)
 # and the recipe's phase-2 model in fp16 as model.tar.part-* (concatenate them; no file over 16 MiB comes back).
 # Each stage is bounded by what is left of DEADLINE_S, so a slow stage costs the later ones, never the report.
-# By default phase 1 is the recipe's alone: a run beside it slows both (170K tokens/s each on an H100, ~500K
-# alone), which would cut 3 epochs short of full length within a 10-minute call. Set knobs before the command:
-# "PHASE2_RUNS=lr_1e-3 bash benchmarks/device_session.sh".
-# Knobs (environment): PHASE1_RUNS, PHASE2_RUNS (names in benchmarks/full_length_levers.py), PHASE1_MINUTES,
-# PHASE2_MINUTES, EVAL_LIMIT, BLIMP_PAIRS (per paradigm; all 1,000 by default), DEADLINE_S, and for a dry run on a
-# CPU: USE_CPU=true OUT=DIR PYTHON=.venv/bin/python.
+# By default phase 1 is the recipe's alone: a run beside it slows both (170K tokens/s each on an H100; ~500K
+# alone on an H200), which would cut 3 epochs short of full length within a 10-minute call.
+# Knobs, set before the command ("PHASE2_RUNS=lr_1e-3 bash benchmarks/device_session.sh"): PHASE1_RUNS,
+# PHASE2_RUNS (names in benchmarks/full_length_levers.py), PHASE1_MINUTES, PHASE2_MINUTES, EVAL_LIMIT, BLIMP_PAIRS
+# (per paradigm; all 1,000 by default), DEADLINE_S; for a dry run on a CPU: USE_CPU=true OUT=DIR
+# PYTHON=.venv/bin/python.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 KIT=.device_kit
