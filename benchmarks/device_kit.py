@@ -76,20 +76,29 @@ def main() -> None:
     parser.add_argument("--python_version", default="3.12", help="the device's Python (3.12 on the H200 image)")
     args = parser.parse_args()
     kit = Path(args.kit)
+    building = kit.with_name(kit.name + ".partial")  # the kit appears whole or not at all
+    shutil.rmtree(building, ignore_errors=True)
+    (building / "wheels").mkdir(parents=True)
+    try:
+        pack_data(Path(args.shared), building / "data.tar.xz")  # first: a wrong --shared is refused at once
+        wheels = download_wheels(building / "wheels", args.python_version)
+        files = {path.relative_to(building): path.stat().st_size for path in [*wheels, building / "data.tar.xz"]}
+        size = sum(files.values())
+        if size > KIT_LIMIT:
+            raise SystemExit(f"the kit would take {size / 2**20:.1f} MiB, over the {KIT_LIMIT / 2**20:.0f} MiB it may: "
+                             "nothing written.")
+        (building / "SHA256SUMS").write_text("".join(f"{sha256(building / name)}  {name}\n" for name in files))
+    except subprocess.CalledProcessError:
+        shutil.rmtree(building)
+        raise SystemExit("pip could not download the wheels (its message is above): nothing written.") from None
+    except BaseException:
+        shutil.rmtree(building)
+        raise
     shutil.rmtree(kit, ignore_errors=True)
-    (kit / "wheels").mkdir(parents=True)
-    wheels = download_wheels(kit / "wheels", args.python_version)
-    pack_data(Path(args.shared), kit / "data.tar.xz")
-    files = [*wheels, kit / "data.tar.xz"]
-    (kit / "SHA256SUMS").write_text("".join(f"{sha256(path)}  {path.relative_to(kit)}\n" for path in files))
-    size = sum(path.stat().st_size for path in files)
-    for path in files:
-        print(f"{path.stat().st_size / 2**20:8.2f} MiB  {path.relative_to(kit)}")
+    building.rename(kit)
+    for name, bytes_ in files.items():
+        print(f"{bytes_ / 2**20:8.2f} MiB  {name}")
     print(f"{size / 2**20:8.2f} MiB  in all, in {kit}")
-    if size > KIT_LIMIT:
-        shutil.rmtree(kit)
-        raise SystemExit(f"the kit would take {size / 2**20:.1f} MiB, over the {KIT_LIMIT / 2**20:.0f} MiB it may: "
-                         "nothing written.")
 
 
 if __name__ == "__main__":
