@@ -6,7 +6,9 @@
 #
 # Everything it reports lands in $OUT (at most 8 files come back): session.log, summary.json (the recipe's report
 # and every lever's numbers), throughput.json, logs.tar.gz (each run's log, training log and evaluation reports)
-# and the recipe's phase-2 model in fp16 as model.tar.part-* (concatenate them; no file over 16 MiB comes back).
+# and the recipe's phase-2 model in fp16 as model.tar.part-* (no file over 16 MiB comes back). Here: `cat
+# model.tar.part-* | tar -x`, then save it in fp32 for the CPU (`GPT2LMHeadModel.from_pretrained(d,
+# dtype=torch.float32).save_pretrained(d32)`, and copy the other files) before `run_eval.py` or the benchmarks.
 # Each stage is bounded by what is left of DEADLINE_S, so a slow stage costs the later ones, never the report.
 # By default phase 1 is the recipe's alone: a run beside it slows both (170K tokens/s each on an H100; ~500K
 # alone on an H200), which would cut 3 epochs short of full length within a 10-minute call.
