@@ -90,3 +90,22 @@ def test_cleaning_removes_wiki_leftovers():
 def test_cleaning_keeps_the_text_of_a_page_written_on_one_line():
     one_line = "Paris is the capital of France. It has many museums. See also Category:Capitals in Europe."
     assert clean_text(one_line) == "Paris is the capital of France. It has many museums. See also"
+
+
+def test_cleaning_drops_tables_footnotes_and_appendices():
+    raw = (
+        "Bawaka is a village in Cameroon.[1]\n\nPopulation\n\n"
+        "+--------+------------+\n| Year   | People     |\n+========+============+\n| 1967   | 420        |\n"
+        "+--------+------------+\n\n"
+        "  Year   Title\n  ------ ---------------\n  1963   Uncle Vanya\n  1965   Othello\n\n"
+        "{| class=\"wikitable\"\n|-\n| 2005 || 1804\n|}\n\n"
+        "In 2005, 1804 people were counted there.\n\n"
+        "[1] Census of Cameroon, 2005, page 12.\n\n"
+        "Related pages\n\n-   Adamawa Region\n\nOther websites\n\n-   Official site of the commune\n"
+    )
+    assert clean_text(raw) == "Bawaka is a village in Cameroon. Population In 2005, 1804 people were counted there."
+
+
+def test_cleaning_keeps_prose_around_a_horizontal_rule_and_is_linear_in_lines():
+    assert clean_text("Intro sentence.\n\n------\n\nBody sentence.") == "Intro sentence. Body sentence."
+    assert clean_text("A heading.\n" + "-- --\nrow\n" * 50_000 + "\nThe end.") == "The end."
