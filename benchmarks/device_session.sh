@@ -76,6 +76,6 @@ fi
 
 stage "packing the logs"
 find "$WORK.log" "$WORK" -maxdepth 3 -not -path '*/checkpoint-*' \( -name '*.log' -o -name profile.txt -o -name 'training_log.json' \
-    -o -name lever_eval.json -o -name blimp_report.json -o -name grounding.json -o -name time_plan.json -o -name report.json \
+    -o -name lever_eval.json -o -name final_eval.json -o -name grounding.json -o -name time_plan.json -o -name report.json \
     -o -name README.md -o -path '*/stages/*.json' \) -print0 2>/dev/null | tar -czf "$OUT/logs.tar.gz" --null -T -
 stage "done"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import phase1_levers
 import phase2_levers
-from phase1_levers import BLIMP_REPORT, blimp_command, chosen_runs, json_ready, run_summary
+from phase1_levers import FINAL_REPORT, chosen_runs, final_eval_command, usable_cores, json_ready, run_summary
 from phase2_levers import evaluation_command, source_arguments, summary, train_then_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def main() -> None:
     # Prepared once, before the runs that share it start.
     prepared_validation_dir(FullRecipe(output_dir=recipe_dir, phase1_args=phase1))
 
-    threads = max(1, (os.cpu_count() or 1) // (1 + max(len(phase1_runs), len(phase2_runs))))
+    threads = max(1, usable_cores() // (1 + max(len(phase1_runs), len(phase2_runs))))
     started = time.perf_counter()
     recipe = launch([
         sys.executable, "run_full_recipe.py", "--output_dir", str(recipe_dir), "--phase1_args", shlex.join(phase1),
@@ -134,9 +134,9 @@ def main() -> None:
                      if (code := process.wait()) != 0})
     for name in phase1_runs:  # BLiMP of each lever's model, as the recipe's phase-1 evaluation scores its own
         run_dir = output / f"phase1_{name}"
-        if (run_dir / "training_log.json").is_file() and not (run_dir / BLIMP_REPORT).is_file():
+        if (run_dir / "training_log.json").is_file() and not (run_dir / FINAL_REPORT).is_file():
             with (run_dir / "run.log").open("a") as log:
-                if subprocess.run(blimp_command(run_dir.name, args), cwd=ROOT, env=env, stdout=log, stderr=log).returncode:
+                if subprocess.run(final_eval_command(run_dir, args.blimp, args.blimp_pairs_per_paradigm), cwd=ROOT, env=env, stdout=log, stderr=log).returncode:
                     failures[f"phase1_{name} BLiMP"] = f"see {run_dir / 'run.log'}"
     if recipe.wait() != 0:
         failures["recipe"] = f"exit status {recipe.returncode} (see {recipe_dir / 'run.log'})"

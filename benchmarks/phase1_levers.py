@@ -3,12 +3,14 @@
 
     python benchmarks/phase1_levers.py --train_file ../shared/data/wiki/enwiki_pages_sample.jsonl.xz \
         [--runs baseline,beta2_0.99] [--max_steps 196] [--parallel 2] [--output_dir outputs/phase1_levers] [--base recipe]
-        [--blimp ../shared/data/blimp --blimp_pairs_per_paradigm 100]
+        [--blimp ../shared/data/blimp --blimp_pairs_per_paradigm 100] [--text_file held_out.jsonl] [--seed 42]
 
 Every run is the phase-1 recipe as it was before Muon became its default (32 x 256 tokens per step, AdamW,
 cosine), or with `--base recipe` the recipe as it is now (Muon, warmup-stable-decay), with one change,
 evaluated on the whole prepared validation split (`--max_eval_tokens` unbounded) every `--eval_steps`, and
-with `--blimp` each final model on BLiMP (`run_eval.py`, mean over paradigms). `--parallel N` runs N at once with
+with `--blimp` each final model on BLiMP (`run_eval.py`, mean over paradigms) and with `--text_file` on held-out
+text no run trained on (loss and bits per byte: the common measure when a change to the data pipeline changes the
+validation split itself). `--parallel N` runs N at once with
 one thread each, so runs started together share the machine alike; each run resumes if interrupted (also after
 Ctrl-C, whose final model stops short of `--max_steps`) and a finished run is not repeated. The table compares
 validation loss at equal tokens and reports each run's measured tokens/s: levers that change the cost of a step
@@ -25,7 +27,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BLIMP_REPORT = "blimp_report.json"
+FINAL_REPORT = "final_eval.json"
 # The recipe as it stood before these measurements (AdamW, cosine decay); each lever changes one setting of it.
 BEFORE = ["--use_muon", "false", "--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", "{}"]
 LEVERS = {
@@ -50,20 +52,28 @@ LEVERS = {
 }
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (taskset and containers narrow them), where the OS says."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def run_command(name: str, args) -> list[str]:
     return [
         sys.executable, str(ROOT / "run_clm.py"), str(ROOT / "recipes" / "phase1_pretraining.yaml"),
-        "--train_file", args.train_file, "--output_dir", str(Path(args.output_dir) / name), "--seed", "42",
+        "--train_file", args.train_file, "--output_dir", str(Path(args.output_dir) / name), "--seed", str(args.seed),
         "--max_steps", str(args.max_steps), "--eval_steps", str(args.eval_steps), "--save_steps", str(args.eval_steps),
         "--max_eval_tokens", "100000000", "--load_best_model_at_end", "false", "--disable_tqdm", "true",
         "--resume", *(BEFORE if args.base == "before" else []), *LEVERS[name],
     ]
 
 
-def blimp_command(name: str, args) -> list[str]:
-    run_dir = Path(args.output_dir) / name
-    return [sys.executable, str(ROOT / "run_eval.py"), str(run_dir), "--blimp", args.blimp, "--report", str(run_dir / BLIMP_REPORT),
-            *(["--blimp_pairs_per_paradigm", str(args.blimp_pairs_per_paradigm)] if args.blimp_pairs_per_paradigm else [])]
+def final_eval_command(run_dir: Path, blimp: str | None, pairs_per_paradigm: int | None = None,
+                       text_files: list[str] | None = None) -> list[str]:
+    """run_eval.py on a final model: BLiMP (optionally N pairs per paradigm) and loss on held-out text."""
+    return [sys.executable, str(ROOT / "run_eval.py"), str(run_dir), "--report", str(run_dir / FINAL_REPORT),
+            *(["--blimp", blimp] if blimp else []),
+            *(["--blimp_pairs_per_paradigm", str(pairs_per_paradigm)] if blimp and pairs_per_paradigm else []),
+            *(["--text_file", *text_files] if text_files else [])]
 
 
 def trained_steps(run_dir: Path) -> int:
@@ -78,10 +88,12 @@ def run_summary(run_dir: Path) -> dict:
     evals = {r["num_input_tokens_seen"]: r["eval_loss"] for r in history if "eval_loss" in r and "num_input_tokens_seen" in r}
     copies = {r["num_input_tokens_seen"]: r["eval_copy_loss"] for r in history if "eval_copy_loss" in r}
     speeds = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
-    blimp = run_dir / BLIMP_REPORT
+    report_file = run_dir / FINAL_REPORT
+    report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
     return {"eval_loss": evals, "copy_loss": copies,
             "tokens_per_second": sorted(speeds)[len(speeds) // 2] if speeds else None,
-            "blimp": json.loads(blimp.read_text(encoding="utf-8"))["blimp"]["mean"] if blimp.is_file() else None}
+            "blimp": report.get("blimp", {}).get("mean"),
+            "held_out_text": {key: report["text"][key] for key in ("tokens", "loss", "bits_per_byte")} if "text" in report else None}
 
 
 def json_ready(summary: dict) -> dict:
@@ -133,6 +145,8 @@ def main() -> None:
                         help="the recipe each lever changes: as it was before Muon (the published table) or as it is now")
     parser.add_argument("--blimp", help="BLiMP directory (or hub): score every final model on it")
     parser.add_argument("--blimp_pairs_per_paradigm", type=int, default=None)
+    parser.add_argument("--text_file", nargs="+", help="held-out text no run trained on: every final model's loss and bits per byte on it")
+    parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
     names = chosen_runs(parser, args.runs, LEVERS)
 
@@ -142,8 +156,8 @@ def main() -> None:
     for name in pending:
         if steps[name]:
             print(f"{name}: stopped at step {steps[name]} of {args.max_steps} (interrupted); resuming it", flush=True)
-            (output / name / BLIMP_REPORT).unlink(missing_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
+            (output / name / FINAL_REPORT).unlink(missing_ok=True)
+    threads = max(1, usable_cores() // max(1, args.parallel))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     while pending:
         batch, pending = pending[:args.parallel], pending[args.parallel:]
@@ -157,12 +171,13 @@ def main() -> None:
         if failed:
             sys.exit(f"runs failed: {', '.join(failed)} (see {output}/<run>/run.log)")
 
-    for name in names if args.blimp else []:
-        if (output / name / "training_log.json").is_file() and not (output / name / BLIMP_REPORT).is_file():
-            print("$", " ".join(blimp_command(name, args)), flush=True)
+    for name in names if args.blimp or args.text_file else []:
+        if (output / name / "training_log.json").is_file() and not (output / name / FINAL_REPORT).is_file():
+            command = final_eval_command(output / name, args.blimp, args.blimp_pairs_per_paradigm, args.text_file)
+            print("$", " ".join(command), flush=True)
             with (output / name / "run.log").open("a") as log:
-                if subprocess.run(blimp_command(name, args), cwd=ROOT, stdout=log, stderr=log).returncode != 0:
-                    sys.exit(f"BLiMP evaluation of {name} failed (see {output / name}/run.log)")
+                if subprocess.run(command, cwd=ROOT, stdout=log, stderr=log).returncode != 0:
+                    sys.exit(f"the final evaluation of {name} failed (see {output / name}/run.log)")
 
     summaries = {name: run_summary(output / name) for name in names if (output / name / "training_log.json").is_file()}
     tokens = sorted(set.intersection(*(set(s["eval_loss"]) for s in summaries.values())))
@@ -173,7 +188,9 @@ def main() -> None:
     print(f"{'tokens/s':>10} " + " ".join(f"{s['tokens_per_second'] or 0:>18,.0f}" for s in summaries.values()))
     if args.blimp:
         print(f"{'BLiMP':>10} " + " ".join(f"{s['blimp'] or float('nan'):>18.2f}" for s in summaries.values()))
-    result = {"max_steps": args.max_steps, "threads_per_run": threads, "base": args.base,
+    if args.text_file:
+        print(f"{'held out':>10} " + " ".join(f"{(s['held_out_text'] or {}).get('loss', float('nan')):>18.4f}" for s in summaries.values()))
+    result = {"max_steps": args.max_steps, "seed": args.seed, "threads_per_run": threads, "base": args.base,
               "runs": {name: json_ready(s) for name, s in summaries.items()}}
     plot_curves(summaries, output / "levers.png")
     tmp = output / "levers.json.tmp"

@@ -24,7 +24,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from phase1_levers import chosen_runs
+from phase1_levers import chosen_runs, usable_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 # The recipe as it stood before these measurements (passage-first SQuAD prompts); each lever changes one setting.
@@ -129,7 +129,7 @@ def main() -> None:
     if not Path(args.alpaca_file).is_file():
         parser.error(f"{args.alpaca_file} not found; make it with benchmarks/shared_data_splits.py.")
 
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
+    threads = max(1, usable_cores() // max(1, args.parallel))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         for future in [pool.submit(run_lever, name, args, env) for name in names]:
