@@ -32,7 +32,7 @@ from pathlib import Path
 
 import phase1_levers
 import phase2_levers
-from phase1_levers import FINAL_REPORT, chosen_runs, final_eval_command, usable_cores, json_ready, run_summary
+from phase1_levers import FINAL_REPORT, chosen_runs, final_eval_command, json_ready, run_summary, usable_cores
 from phase2_levers import evaluation_command, source_arguments, summary, train_then_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
