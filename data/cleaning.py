@@ -6,7 +6,8 @@ Design decisions:
 - Only markup that is never prose is removed: `[12]`-style reference markers, `Category:` trailers,
   image file names, template fragments (`{{...}}`, stray `}}`), list bullets and markdown emphasis.
 - Whole lines that are never prose go before the newlines do: tables (grid and pipe rows, wiki table
-  syntax, and the blocks around a dash rule, as text exports write simple tables), footnote lines
+  syntax, and the blocks around an indented or multi-column dash rule, as text exports write simple
+  tables; a bare horizontal rule goes alone), footnote lines
   (`[3] Smith, J. ...`), and everything from the first appendix heading on ("References", "See also",
   "Further reading", Simple English Wikipedia's "Related pages" and "Other websites", ...), which Wikipedia's
   layout puts after the article's prose. In the shared Wikipedia sample they were 23% of the tokens.
@@ -53,8 +54,10 @@ def _drop_non_prose_lines(text: str) -> str:
     for index, line in enumerate(lines):
         if DASH_RULE.match(line):
             dropped[index] = True
-            # A simple table's header above its rule and its rows below, up to a blank line. Each walk stops
-            # where another rule's walk covers, so the pass stays linear in the number of lines.
+            if not (line[:1].isspace() or len(line.split()) > 1):
+                continue  # a bare rule at the line's start is a horizontal rule: the prose beside it stays
+            # A table's rule (indented, or one dash run per column): its header above and its rows below, up
+            # to a blank line. Each walk stops where another rule's walk covers, so the pass stays linear.
             above = index - 1
             while above >= 0 and lines[above].strip() and not dropped[above]:
                 dropped[above] = True

@@ -107,5 +107,5 @@ def test_cleaning_drops_tables_footnotes_and_appendices():
 
 
 def test_cleaning_keeps_prose_around_a_horizontal_rule_and_is_linear_in_lines():
-    assert clean_text("Intro sentence.\n\n------\n\nBody sentence.") == "Intro sentence. Body sentence."
+    assert clean_text("Intro sentence.\n------\nBody sentence.") == "Intro sentence. Body sentence."
     assert clean_text("A heading.\n" + "-- --\nrow\n" * 50_000 + "\nThe end.") == "The end."
