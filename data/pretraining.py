@@ -254,7 +254,9 @@ def prepare_pretraining_data(args: PretrainingDataArguments, seed: int = 42) -> 
         validation=_tokenize_and_pack(validation_docs, args.max_eval_tokens, args, "validation", stats),
     )
     if len(splits["train"]) == 0 or len(splits["validation"]) == 0:
-        raise DataError(f"not enough text to fill one {args.block_size}-token block in each split.")
+        raise DataError(f"not enough text to fill one {args.block_size}-token block in each split ({len(splits['train'])} "
+                        f"training and {len(splits['validation'])} validation blocks from {len(train_docs)} and "
+                        f"{len(validation_docs)} documents); give more text or a larger validation_split_percentage.")
     stats["skipped"] = dict(skipped)
     stats["seconds"] = round(time.time() - started, 1)
 

@@ -75,6 +75,12 @@ def test_empty_and_undecodable_files_are_reported(tmp_path):
         prepare_pretraining_data(_args(tmp_path, [binary]))
 
 
+def test_too_little_text_for_one_block_says_what_to_change(tmp_path, wiki_jsonl):
+    with pytest.raises(DataError, match=r"one 4096-token block in each split \(0 training and 0 validation blocks from "
+                                        r"\d+ and \d+ documents\); give more text or a larger validation_split_percentage"):
+        prepare_pretraining_data(_args(tmp_path, [wiki_jsonl], block_size=4096, max_train_tokens=2000))
+
+
 def test_offline_hub_source_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = PretrainingDataArguments(dataset_name="wikimedia/wikipedia", dataset_config_name="20231101.simple",
