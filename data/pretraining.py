@@ -36,7 +36,7 @@ from data.tokenizer import EOS_TOKEN_ID, load_tokenizer
 from trm import rules
 
 logger = logging.getLogger(__name__)
-PIPELINE_VERSION = 2  # bump when a change alters the prepared blocks (2: tables, footnotes, appendices dropped)
+PIPELINE_VERSION = 3  # bump when a change alters the prepared blocks (2: tables, footnotes, appendices dropped; 3: gallery lines)
 
 
 @dataclass

@@ -100,6 +100,7 @@ def test_cleaning_drops_tables_footnotes_and_appendices():
         "  Year   Title\n  ------ ---------------\n  1963   Uncle Vanya\n  1965   Othello\n\n"
         "{| class=\"wikitable\"\n|-\n| 2005 || 1804\n|}\n\n"
         "In 2005, 1804 people were counted there.\n\n"
+        "File:Bawaka market.jpg|The market File:Bawaka school.jpg|The school\n\n"
         "[1] Census of Cameroon, 2005, page 12.\n\n"
         "Related pages\n\n-   Adamawa Region\n\nOther websites\n\n-   Official site of the commune\n"
     )

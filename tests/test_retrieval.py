@@ -55,6 +55,34 @@ def test_index_is_searched_by_bm25_and_rebuilt_without_duplicates(tmp_path, corp
     index.close()
 
 
+def test_an_index_from_an_older_cleaning_is_read_again(tmp_path, corpus, tokenizer, caplog):
+    path = tmp_path / "index.sqlite"
+    index = PassageIndex(path, create=True)
+    index.add_file(corpus, tokenizer)
+    index.db.execute("PRAGMA user_version = 1")  # built before tables were dropped from passages
+    index.db.commit()
+    index.close()
+    with caplog.at_level("WARNING", logger="trm.retrieval"):
+        PassageIndex(path, read_only=True).close()
+    assert "older TRM cleaned differently" in caplog.text
+    index = PassageIndex(path)
+    index.close()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trm.retrieval"):
+        PassageIndex(path, read_only=True).close()  # marked for reading again, not read yet
+    assert "older TRM cleaned differently" in caplog.text
+    index = PassageIndex(path)
+    again = index.add_file(corpus, tokenizer)  # the file has not changed, but its passages may have
+    assert again["status"] == "indexed" and again["passages"] == 4 and len(index) == 4
+    assert index.search("Who discovered oxygen?", 1)[0].text.startswith("Oxygen is")
+    assert index.add_file(corpus, tokenizer)["status"] == "unchanged, skipped"
+    index.close()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trm.retrieval"):
+        PassageIndex(path, read_only=True).close()
+    assert not caplog.text
+
+
 def test_an_interrupted_build_leaves_a_usable_index_and_the_next_one_finishes_it(tmp_path, tokenizer, monkeypatch):
     path = tmp_path / "big.jsonl"
     path.write_text("".join(json.dumps({"title": f"Page {i}", "text": f"Page {i} is about topic{i} and nothing else."}) + "\n"

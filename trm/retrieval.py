@@ -8,6 +8,9 @@ Design decisions:
 - Incremental: a file whose size and mtime match its `sources` row is skipped; a changed file loses its
   links first, and passages no other file holds are deleted. A passage already present (from any file)
   is linked, not added again.
+- Versioned: `PRAGMA user_version` records `PASSAGES_VERSION`, the cleaning and cutting the passages were made
+  with. Opening an older index to build it marks every file changed, so each is read again when it is next
+  indexed; until then questions are answered from its old passages with a warning.
 - Crash-safe: SQLite commits are atomic. Passages are committed in batches and the file's `sources` row
   last, so an interrupted build leaves a usable index; the next build reads the unfinished file again
   and its committed passages are recognised by their digest.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import sqlite3
 from contextlib import contextmanager
@@ -37,6 +41,8 @@ from data.passages import question_terms, split_passages
 from data.prompt_format import NO_ANSWER_REPLY
 from trm.grounded import GroundedSettings, answer_from_passages
 
+logger = logging.getLogger(__name__)
+PASSAGES_VERSION = 3  # bump when cleaning or cutting changes a file's passages (3: tables, footnotes, galleries, appendices dropped)
 COMMIT_EVERY = 2_000
 TITLE_WEIGHT, TEXT_WEIGHT = 2.0, 1.0
 SCHEMA = """
@@ -123,8 +129,16 @@ class PassageIndex:
                 if EXPECTED_TABLES[table] - columns:
                     raise DataError(f"{self.path} was built by another version of TRM ({table} lacks "
                                     f"{', '.join(sorted(EXPECTED_TABLES[table] - columns))}); build a new index with make index.")
+            built_by = self.db.execute("PRAGMA user_version").fetchone()[0]
             if not read_only:
                 self.db.executescript(SCHEMA)
+                if built_by < PASSAGES_VERSION:
+                    self.db.execute("UPDATE sources SET size = -1")  # no file matches: each is read again
+                    self.db.execute(f"PRAGMA user_version = {PASSAGES_VERSION}")
+                    self.db.commit()
+            elif built_by < PASSAGES_VERSION or self.db.execute("SELECT 1 FROM sources WHERE size = -1").fetchone():
+                logger.warning("%s holds passages an older TRM cleaned differently; make index with the same files "
+                               "reads them again.", self.path)
 
     def close(self) -> None:
         self.db.close()
