@@ -11,9 +11,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import TINY_CONFIG
 from data.files import DataError
+from data.passages import question_terms
 from data.prompt_format import NO_ANSWER_REPLY, generation_prompt, reading_comprehension_message, squad_layout_of
 from trm.grounded import (
     GroundedSettings, _word_boundaries, answer_from_passage, answer_from_passages, calibrate_no_answer_threshold,
+    holds_an_answer_word, score_replies,
 )
 
 WORDS = ["the", "river", "Rhine", "flows", "1,233", "km", "north", "(Lake", "Constance)", "through", "Basel,", "über",
@@ -23,6 +25,10 @@ WORDS = ["the", "river", "Rhine", "flows", "1,233", "km", "north", "(Lake", "Con
 def _random_model(seed: int, positions: int = 128) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(**{**TINY_CONFIG, "n_positions": positions})).eval()
+
+
+def _answer_like(span: str, question: str) -> bool:
+    return holds_an_answer_word(span, set(question_terms(question)))
 
 
 def _reply_logprob(model, tokenizer, passage: str, question: str, reply: str) -> float:
@@ -68,7 +74,7 @@ def test_scores_are_the_model_likelihood_and_the_best_span_wins(tokenizer):
     spans = {" ".join(words[i:j]).rstrip(",.") for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
     spans |= {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
     best = max(_reply_logprob(model, tokenizer, passage, question, span) for span in spans
-               if len(tokenizer(" " + span)["input_ids"]) <= config.max_answer_tokens)
+               if len(tokenizer(" " + span)["input_ids"]) <= config.max_answer_tokens and _answer_like(span, question))
     assert answer.span_score == pytest.approx(best, abs=1e-3)
 
 
@@ -94,7 +100,8 @@ def test_the_prior_subtracts_each_replys_likelihood_without_the_question(tokeniz
         answer = answer_from_passage(model, tokenizer, passage, question, config)
         assert answer.span_score == pytest.approx(combined(answer.span, weight), abs=1e-3)
         assert answer.no_answer_score == pytest.approx(combined(NO_ANSWER_REPLY, weight), abs=1e-3)
-        best = max(combined(span, weight) for span in spans if len(tokenizer(" " + span)["input_ids"]) <= 8)
+        best = max(combined(span, weight) for span in spans
+                   if len(tokenizer(" " + span)["input_ids"]) <= 8 and _answer_like(span, question))
         assert answer.span_score == pytest.approx(best, abs=1e-3)
         chosen[weight] = answer.span
     # Rescoring only the best few spans by the question's score and their length keeps the best of those.
@@ -105,6 +112,22 @@ def test_the_prior_subtracts_each_replys_likelihood_without_the_question(tokeniz
     assert len(scored.spans) == 2
     plain = answer_from_passage(model, tokenizer, passage, question, replace(wide, prior_weight=0.0))
     assert scored.answer(replace(wide, prior_weight=0.0)).span == plain.span
+
+
+def test_candidates_are_distinct_replies_with_a_word_the_question_lacks(tokenizer):
+    passage = "Paris is a city with many old streets and parks of its own. The Rhine ends in the sea near Paris, and the Rhine is long."
+    question = "Where does the Rhine end?"
+    every_start = GroundedSettings(max_answer_tokens=6, start_candidates=100, prior_weight=0.0)
+    scored = score_replies(_random_model(seed=5), tokenizer, passage, question, every_start)
+    texts = [text for text, *_ in scored.spans]
+    assert len(texts) == len(set(texts)) and "Paris" in texts
+    assert not {"the", "The", "is", "in the", "Rhine", "the Rhine", "Rhine is"} & set(texts)
+    assert all(holds_an_answer_word(text, {"rhine", "end"}) for text in texts)
+    paris = next(start for text, start, *_ in scored.spans if text == "Paris")
+    assert paris == passage.rindex("Paris")  # the occurrence beside the question's words
+    # With no other word to offer, the passage's spans are still the candidates, each once.
+    only_question_words = score_replies(_random_model(seed=5), tokenizer, "The Rhine is the Rhine.", question, every_start)
+    assert only_question_words.spans and len({t for t, *_ in only_question_words.spans}) == len(only_question_words.spans)
 
 
 def test_the_threshold_decides_between_span_and_abstention(tokenizer):

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from data.files import DataError
-from data.passages import question_terms
+from data.passages import STOPWORDS, question_terms
 from data.prompt_format import (
     ANSWER_INSTRUCTION, DEFAULT_SQUAD_LAYOUT, NO_ANSWER_REPLY, PASSAGE_LABEL, generation_prompt, reading_comprehension_message,
     squad_instruction_of, squad_layout_of,
@@ -211,6 +211,27 @@ def _ended_reply_scores(model, first, cache, prompt_length: int, rows: list[list
     return scores
 
 
+def _distinct_answer_like(spans: list[tuple], passage_ids: list[int], question: str) -> list[tuple]:
+    """The spans (first token, last token, score, text, char start, proximity) worth choosing from: each distinct reply
+    once, at its occurrence nearest the question's words (the same tokens score the same wherever they stand, so a
+    repeated word would take several of the rescored places), and only replies with a word that is neither a
+    function word nor one of the question's: an answer is never only `the` or `is`, nor the question's own words
+    back. When no span has such a word, all of them are kept, each distinct one once."""
+    terms = set(question_terms(question))
+    nearest: dict[tuple[int, ...], tuple] = {}
+    for span in spans:
+        key = tuple(passage_ids[span[0]:span[1] + 1])
+        if key not in nearest or span[5] > nearest[key][5]:
+            nearest[key] = span
+    distinct = list(nearest.values())
+    return [span for span in distinct if holds_an_answer_word(span[3], terms)] or distinct
+
+
+def holds_an_answer_word(text: str, question_terms: set[str]) -> bool:
+    """Whether a reply has a word that is neither a function word nor one of the question's terms."""
+    return any(word not in STOPWORDS and word not in question_terms for word in re.findall(r"\w+", text.lower()))
+
+
 @dataclass
 class ScoredReplies:
     """A passage's candidate replies to one question, with what each is scored by, ready to be chosen from."""
@@ -260,26 +281,28 @@ def score_replies(model, tokenizer, passage: str, question: str, settings: Groun
     rows = [passage_ids[i:i + settings.max_answer_tokens] for i in starts] + [no_answer_ids]
     scores = _ended_reply_scores(model, first, cache, len(prompt_ids), rows, eos)
     spans = [(i, i + k, score) for i, row_scores in zip(starts, scores) for k, score in enumerate(row_scores) if can_end[i + k]]
-    no_answer, priors = scores[-1][-1], [0.0] * (len(spans) + 1)
-    if bool(settings.prior_weight) if with_prior is None else with_prior:
-        # How likely a reply is after the passage alone: subtracting it removes the model's taste for replies it
-        # likes whatever is asked (surface-form competition), leaving what the question adds. Only the best spans
-        # are rescored: one short batch instead of a second pass over every candidate.
-        spans = sorted(spans, key=lambda s: s[2] + RESCORED_LENGTH_BONUS * (s[1] - s[0] + 1), reverse=True)
-        spans = spans[:PRIOR_RESCORED_SPANS]
-        prior_prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, "", layout, instruction)}])
-        prior_ids = tokenizer(prior_prompt, add_special_tokens=False)["input_ids"]
-        prior_first, prior_cache = _first_reply_token(model, prior_ids)
-        prior_rows = [passage_ids[a:b + 1] for a, b, _ in spans] + [no_answer_ids]
-        priors = [row[-1] for row in _ended_reply_scores(model, prior_first, prior_cache, len(prior_ids), prior_rows, eos)]
     texts = []
     for a, b, _ in spans:
         char_start = max(passage_offsets[a][0], passage_start)
         text = prompt[char_start:passage_offsets[b][1]].strip()
         texts.append((text, prompt.index(text, char_start) - passage_start))
     proximities = proximity_to_question(passage.strip(), question, [(start, start + len(text)) for text, start in texts])
+    candidates = _distinct_answer_like([(a, b, score, text, start, proximity) for (a, b, score), (text, start), proximity
+                                        in zip(spans, texts, proximities)], passage_ids, question)
+    no_answer, priors = scores[-1][-1], [0.0] * (len(candidates) + 1)
+    if bool(settings.prior_weight) if with_prior is None else with_prior:
+        # How likely a reply is after the passage alone: subtracting it removes the model's taste for replies it
+        # likes whatever is asked (surface-form competition), leaving what the question adds. Only the best spans
+        # are rescored: one short batch instead of a second pass over every candidate.
+        candidates = sorted(candidates, key=lambda s: s[2] + RESCORED_LENGTH_BONUS * (s[1] - s[0] + 1), reverse=True)
+        candidates = candidates[:PRIOR_RESCORED_SPANS]
+        prior_prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, "", layout, instruction)}])
+        prior_ids = tokenizer(prior_prompt, add_special_tokens=False)["input_ids"]
+        prior_first, prior_cache = _first_reply_token(model, prior_ids)
+        prior_rows = [passage_ids[a:b + 1] for a, b, *_ in candidates] + [no_answer_ids]
+        priors = [row[-1] for row in _ended_reply_scores(model, prior_first, prior_cache, len(prior_ids), prior_rows, eos)]
     return ScoredReplies([(text, start, score, prior, b - a + 1, proximity)
-                          for (text, start), (a, b, score), prior, proximity in zip(texts, spans, priors, proximities)],
+                          for (a, b, score, text, start, proximity), prior in zip(candidates, priors)],
                          (no_answer, priors[-1]))
 
 
