@@ -104,14 +104,35 @@ def test_the_prior_subtracts_each_replys_likelihood_without_the_question(tokeniz
                    if len(tokenizer(" " + span)["input_ids"]) <= 8 and _answer_like(span, question))
         assert answer.span_score == pytest.approx(best, abs=1e-3)
         chosen[weight] = answer.span
-    # Rescoring only the best few spans by the question's score and their length keeps the best of those.
+    # Rescoring only the best few spans by the question's score, their length and proximity keeps the best of those.
     monkeypatch.setattr(trm.grounded, "PRIOR_RESCORED_SPANS", 2)
-    wide = GroundedSettings(max_answer_tokens=8, start_candidates=100, proximity_weight=0.0,
+    wide = GroundedSettings(max_answer_tokens=8, start_candidates=100, proximity_weight=trm.grounded.RESCORED_PROXIMITY_WEIGHT,
                             length_bonus=trm.grounded.RESCORED_LENGTH_BONUS)
     scored = trm.grounded.score_replies(model, tokenizer, passage, question, wide)
     assert len(scored.spans) == 2
     plain = answer_from_passage(model, tokenizer, passage, question, replace(wide, prior_weight=0.0))
     assert scored.answer(replace(wide, prior_weight=0.0)).span == plain.span
+
+
+def test_the_spans_rescored_are_the_best_by_score_length_and_proximity(tokenizer, monkeypatch):
+    import trm.grounded
+
+    passage = ("Cats sleep all day long in warm houses with soft beds and quiet rooms for many hours. "
+               "The Rhine river will end at the sea near Rotterdam.")
+    question = "Where does the Rhine river end?"
+    every_start = GroundedSettings(max_answer_tokens=8, start_candidates=100, prior_weight=0.0)
+    monkeypatch.setattr(trm.grounded, "PRIOR_RESCORED_SPANS", 1)
+    proximity_decided = 0
+    for seed in range(8):
+        model = _random_model(seed)
+        every_span = score_replies(model, tokenizer, passage, question, every_start).spans  # no prior: none left out
+        with_proximity = max(every_span, key=lambda s: s[2] + trm.grounded.RESCORED_LENGTH_BONUS * s[4]
+                             + trm.grounded.RESCORED_PROXIMITY_WEIGHT * s[5])
+        without = max(every_span, key=lambda s: s[2] + trm.grounded.RESCORED_LENGTH_BONUS * s[4])
+        rescored = score_replies(model, tokenizer, passage, question, replace(every_start, prior_weight=0.5)).spans
+        assert [s[0] for s in rescored] == [with_proximity[0]]
+        proximity_decided += with_proximity[0] != without[0]
+    assert proximity_decided  # some model's pick depends on the question's words nearby
 
 
 def test_candidates_are_distinct_replies_with_a_word_the_question_lacks(tokenizer):

@@ -13,9 +13,12 @@ Design decisions:
   passes per question, whatever the passage length (~2x the time of free greedy decoding here,
   `benchmarks/grounded_squad.py`: the batched pass projects ~400 positions onto the vocabulary; padding
   positions of shorter rows are not projected).
+- The candidates are distinct replies: the same tokens score the same wherever they stand, so each is kept once,
+  at its occurrence nearest the question's words, and a reply made only of function words or of the question's
+  own words (`the`, `is`, the subject asked about) is dropped while another remains (docs/measurements.md).
 - `prior_weight` subtracts that share of each reply's score under the same passage with an empty question
   (the model's taste for a reply whatever is asked: surface-form competition). Only the best
-  `PRIOR_RESCORED_SPANS` spans by the question's score (and length, below) are rescored, so the prior costs one
+  `PRIOR_RESCORED_SPANS` spans by the question's score (with length and proximity, below) are rescored, so the prior costs one
   more prompt pass and one short batch (~1.4x plain grounded decoding).
 - `proximity_weight` adds that multiple of a span's proximity to the question: the weighted share of the
   question's terms among the words around the span (`proximity_to_question`, the sliding window of the SQuAD
@@ -23,9 +26,10 @@ Design decisions:
   best spans hold a far better one than its first (oracle F1 37 against 14 on unseen articles), and its score
   plus the question's words nearby pick it out better than either alone (docs/measurements.md). No model call.
 - `length_bonus` adds that much per token of a span (a length reward, as machine translation gives): a summed
-  log-probability favours short replies, and the model's likeliest spans are shorter than SQuAD's answers. The
-  rescored spans are picked by their score plus `RESCORED_LENGTH_BONUS` per token, a constant, so that the
-  candidates a calibration chose among are the ones later answers choose among.
+  log-probability favours short replies, and the model's likeliest spans are shorter than SQuAD's answers.
+- The rescored spans are picked by their score plus `RESCORED_LENGTH_BONUS` per token and
+  `RESCORED_PROXIMITY_WEIGHT` x their proximity, constants, so that the candidates a calibration chose among are
+  the ones later answers choose among; with proximity among them, they hold better answers (docs/measurements.md).
 - Phase 2 chooses the three weights with the threshold on its held-out questions (`trm.evaluation.calibrate_grounding_on`);
   0.5, 6 and 0.5 without a stored choice (measured in docs/measurements.md).
 - Abstention follows SQuAD 2.0 practice: answer when the best span's score beats the no-answer reply's
@@ -56,6 +60,7 @@ from data.sft import fit_passage
 GROUNDING_FILE = "grounding.json"
 PRIOR_RESCORED_SPANS = 16  # spans rescored by their prior: the best by the question's score and their length
 RESCORED_LENGTH_BONUS = 0.5  # per token, in picking those spans
+RESCORED_PROXIMITY_WEIGHT = 6.0  # per unit of proximity to the question, in picking them
 PROXIMITY_WINDOW = 10  # words on either side of a span in which the question's terms count
 WORD_START = "\u0120"  # the byte-level BPE mark of a leading space
 
@@ -294,7 +299,8 @@ def score_replies(model, tokenizer, passage: str, question: str, settings: Groun
         # How likely a reply is after the passage alone: subtracting it removes the model's taste for replies it
         # likes whatever is asked (surface-form competition), leaving what the question adds. Only the best spans
         # are rescored: one short batch instead of a second pass over every candidate.
-        candidates = sorted(candidates, key=lambda s: s[2] + RESCORED_LENGTH_BONUS * (s[1] - s[0] + 1), reverse=True)
+        candidates = sorted(candidates, key=lambda s: s[2] + RESCORED_LENGTH_BONUS * (s[1] - s[0] + 1)
+                            + RESCORED_PROXIMITY_WEIGHT * s[5], reverse=True)
         candidates = candidates[:PRIOR_RESCORED_SPANS]
         prior_prompt = generation_prompt([{"role": "user", "content": reading_comprehension_message(passage, "", layout, instruction)}])
         prior_ids = tokenizer(prior_prompt, add_special_tokens=False)["input_ids"]
