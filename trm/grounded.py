@@ -18,8 +18,8 @@ Design decisions:
   own words (`the`, `is`, the subject asked about) is dropped while another remains (docs/measurements.md).
 - `prior_weight` subtracts that share of each reply's score under the same passage with an empty question
   (the model's taste for a reply whatever is asked: surface-form competition). Only the best
-  `PRIOR_RESCORED_SPANS` spans by the question's score (with length and proximity, below) are rescored, so the prior costs one
-  more prompt pass and one short batch (~1.4x plain grounded decoding).
+  `PRIOR_RESCORED_SPANS` spans by the question's score (with length and proximity, below) are rescored, so the
+  prior costs one more prompt pass and one short batch (~1.4x plain grounded decoding).
 - `proximity_weight` adds that multiple of a span's proximity to the question: the weighted share of the
   question's terms among the words around the span (`proximity_to_question`, the sliding window of the SQuAD
   paper's baseline). The small model knows what kind of answer fits but not where the question points: its 16
@@ -58,7 +58,7 @@ from data.prompt_format import (
 from data.sft import fit_passage
 
 GROUNDING_FILE = "grounding.json"
-PRIOR_RESCORED_SPANS = 16  # spans rescored by their prior: the best by the question's score and their length
+PRIOR_RESCORED_SPANS = 16  # spans rescored by their prior: the best by the question's score, length and proximity
 RESCORED_LENGTH_BONUS = 0.5  # per token, in picking those spans
 RESCORED_PROXIMITY_WEIGHT = 6.0  # per unit of proximity to the question, in picking them
 PROXIMITY_WINDOW = 10  # words on either side of a span in which the question's terms count
@@ -232,9 +232,9 @@ def _distinct_answer_like(spans: list[tuple], passage_ids: list[int], question: 
     return [span for span in distinct if holds_an_answer_word(span[3], terms)] or distinct
 
 
-def holds_an_answer_word(text: str, question_terms: set[str]) -> bool:
-    """Whether a reply has a word that is neither a function word nor one of the question's terms."""
-    return any(word not in STOPWORDS and word not in question_terms for word in re.findall(r"\w+", text.lower()))
+def holds_an_answer_word(text: str, terms: set[str]) -> bool:
+    """Whether a reply has a word that is neither a function word nor one of the question's `terms`."""
+    return any(word not in STOPWORDS and word not in terms for word in re.findall(r"\w+", text.lower()))
 
 
 @dataclass
