@@ -135,6 +135,37 @@ def test_the_spans_rescored_are_the_best_by_score_length_and_proximity(tokenizer
     assert proximity_decided  # some model's pick depends on the question's words nearby
 
 
+def test_the_words_nearest_the_questions_start_candidates_beside_the_models_likeliest(tokenizer, monkeypatch):
+    import trm.grounded
+    from trm.grounded import proximity_to_question
+
+    words = ("cats sleep all day long in warm houses with soft beds and quiet rooms for many hours while dogs run "
+             "outside near old boats where fishermen wait until the Rhine river mouth meets this sea at Rotterdam").split()
+    passage, question = " ".join(words), "Where is the Rhine river mouth?"
+    first_token = [tokenizer(" " + word)["input_ids"][0] for word in words]
+    assert len(set(first_token)) == len(words)  # each candidate row names its word by its first token
+    positions = [passage.index(f" {word} ") + 1 if 0 < n < len(words) - 1 else passage.index(word) for n, word in enumerate(words)]
+    nearness = proximity_to_question(passage, question, [(p, p + len(w)) for p, w in zip(positions, words)])
+    started = []
+    original = trm.grounded._ended_reply_scores
+
+    def recording(model, first, cache, prompt_length, rows, eos):
+        started.append([first_token.index(row[0]) for row in rows[:-1]])  # the last row is the no-answer reply
+        return original(model, first, cache, prompt_length, rows, eos)
+
+    monkeypatch.setattr(trm.grounded, "_ended_reply_scores", recording)
+    model = _random_model(seed=3)
+    for near in (0, 5, 12):
+        started.clear()
+        score_replies(model, tokenizer, passage, question, GroundedSettings(start_candidates=1, starts_near_question=near,
+                                                                             prior_weight=0.0))
+        likeliest, *others = started[0]
+        assert len(started[0]) == len(set(started[0])) and near <= len(others) + 1 and len(others) <= near
+        left_out = [nearness[n] for n in range(len(words)) if n not in started[0]]
+        assert all(nearness[n] >= max(left_out) for n in others)
+    assert nearness[words.index("Rotterdam")] == max(nearness) and words.index("Rotterdam") in started[0]
+
+
 def test_candidates_are_distinct_replies_with_a_word_the_question_lacks(tokenizer):
     passage = "Paris is a city with many old streets and parks of its own. The Rhine ends in the sea near Paris, and the Rhine is long."
     question = "Where does the Rhine end?"
@@ -313,10 +344,11 @@ def test_settings_are_stored_beside_the_model(tmp_path):
     with pytest.raises(DataError, match="not valid JSON"):
         GroundedSettings.for_model(tmp_path)
     assert json.loads(GroundedSettings().save(tmp_path).read_text())["no_answer_threshold"] == 0.0
-    # A file calibrated before a weight existed keeps that weight off: its threshold was set without it.
+    # A file calibrated before a weight (or the near-question starts) existed keeps it off: its threshold was set without it.
     (tmp_path / "grounding.json").write_text(json.dumps({"no_answer_threshold": -1.5}))
     older = GroundedSettings.for_model(tmp_path)
-    assert (older.no_answer_threshold, older.prior_weight, older.proximity_weight, older.length_bonus) == (-1.5, 0.0, 0.0, 0.0)
+    assert (older.no_answer_threshold, older.prior_weight, older.proximity_weight, older.length_bonus,
+            older.starts_near_question) == (-1.5, 0.0, 0.0, 0.0, 0)
     assert GroundedSettings.for_model(tmp_path, proximity_weight=3.0).proximity_weight == 3.0
 
 

@@ -8,8 +8,9 @@ Design decisions:
   at a token that begins a word (GPT-2 marks a leading space) and ends where the next token does not
   continue the word. Such a span re-tokenises to the very same ids, so the scored ids are the reply.
 - One forward pass over the prompt fills the KV cache and gives the first reply token's distribution;
-  the `start_candidates` most probable word starts are then extended together as one batch of
-  `max_answer_tokens` tokens over the shared cache (plus one row for the no-answer reply). Two forward
+  the `start_candidates` most probable word starts, and the `starts_near_question` words nearest the question's
+  words (by `proximity_to_question`: where the model ranks starts worst), are then extended together as one batch
+  of `max_answer_tokens` tokens over the shared cache (plus one row for the no-answer reply). Two forward
   passes per question, whatever the passage length (~2x the time of free greedy decoding here,
   `benchmarks/grounded_squad.py`: the batched pass projects ~400 positions onto the vocabulary; padding
   positions of shorter rows are not projected).
@@ -68,7 +69,8 @@ WORD_START = "\u0120"  # the byte-level BPE mark of a leading space
 @dataclass
 class GroundedSettings:
     max_answer_tokens: int = 16
-    start_candidates: int = 24
+    start_candidates: int = 16
+    starts_near_question: int = 16
     prior_weight: float = 0.5
     proximity_weight: float = 6.0
     length_bonus: float = 0.5
@@ -91,8 +93,8 @@ class GroundedSettings:
 
     @classmethod
     def for_model(cls, model_dir: str | Path, **overrides) -> "GroundedSettings":
-        """The settings stored beside a model (if any), with explicit overrides (None = keep). A weight a stored file
-        lacks is 0: its threshold was calibrated without it."""
+        """The settings stored beside a model (if any), with explicit overrides (None = keep). A weight or the
+        near-question starts a stored file lacks are 0: its threshold was calibrated without them."""
         path = Path(model_dir) / GROUNDING_FILE
         stored = {}
         if path.is_file():
@@ -104,7 +106,7 @@ class GroundedSettings:
             raise DataError(f"{path} must hold a JSON object of grounding settings; delete it or calibrate again.")
         known = {k: v for k, v in stored.items() if k in cls.__dataclass_fields__}
         if path.is_file():
-            known = {"prior_weight": 0.0, "proximity_weight": 0.0, "length_bonus": 0.0, **known}
+            known = {"prior_weight": 0.0, "proximity_weight": 0.0, "length_bonus": 0.0, "starts_near_question": 0, **known}
         for name, value in known.items():
             default = cls.__dataclass_fields__[name].default
             wanted = bool if isinstance(default, bool) else (int, float) if isinstance(default, float) else int
@@ -280,8 +282,17 @@ def score_replies(model, tokenizer, passage: str, question: str, settings: Groun
     eos = tokenizer.eos_token_id
 
     first, cache = _first_reply_token(model, prompt_ids)
-    starts = sorted((i for i, ok in enumerate(can_start) if ok), key=lambda i: float(first[passage_ids[i]]), reverse=True)
-    starts = starts[: settings.start_candidates]
+    word_starts = sorted((i for i, ok in enumerate(can_start) if ok), key=lambda i: float(first[passage_ids[i]]), reverse=True)
+    starts = word_starts[: settings.start_candidates]
+    if settings.starts_near_question:
+        # The model ranks where an answer starts poorly where the question points (the SQuAD baseline's strength):
+        # the words nearest the question's words start candidates too, ties going to the model's order.
+        word_ends = [next(j for j in range(i, len(can_end)) if can_end[j]) for i in word_starts]
+        nearness = proximity_to_question(passage.strip(), question, [
+            (max(passage_offsets[i][0], passage_start) - passage_start, passage_offsets[j][1] - passage_start)
+            for i, j in zip(word_starts, word_ends)])
+        nearest = sorted(range(len(word_starts)), key=lambda n: -nearness[n])[: settings.starts_near_question]
+        starts += [word_starts[n] for n in sorted(nearest) if word_starts[n] not in starts]
     no_answer_ids = tokenizer(" " + NO_ANSWER_REPLY, add_special_tokens=False)["input_ids"]
     rows = [passage_ids[i:i + settings.max_answer_tokens] for i in starts] + [no_answer_ids]
     scores = _ended_reply_scores(model, first, cache, len(prompt_ids), rows, eos)
