@@ -140,7 +140,7 @@ def test_the_words_nearest_the_questions_start_candidates_beside_the_models_like
     from trm.grounded import proximity_to_question
 
     words = ("cats sleep all day long in warm houses with soft beds and quiet rooms for many hours while dogs run "
-             "outside near old boats where fishermen wait until the Rhine river mouth meets this sea at Rotterdam").split()
+             "outside near old boats where fishermen wait until the Rhine river reaches Rotterdam by its mouth on this sea").split()
     passage, question = " ".join(words), "Where is the Rhine river mouth?"
     first_token = [tokenizer(" " + word)["input_ids"][0] for word in words]
     assert len(set(first_token)) == len(words)  # each candidate row names its word by its first token
@@ -163,7 +163,8 @@ def test_the_words_nearest_the_questions_start_candidates_beside_the_models_like
         assert len(started[0]) == len(set(started[0])) and near <= len(others) + 1 and len(others) <= near
         left_out = [nearness[n] for n in range(len(words)) if n not in started[0]]
         assert all(nearness[n] >= max(left_out) for n in others)
-    assert nearness[words.index("Rotterdam")] == max(nearness) and words.index("Rotterdam") in started[0]
+    nearest = max(range(len(words)), key=nearness.__getitem__)  # "reaches", between the question's words
+    assert nearest != likeliest and nearest in started[0]
 
 
 def test_candidates_are_distinct_replies_with_a_word_the_question_lacks(tokenizer):
@@ -270,22 +271,27 @@ def test_proximity_is_the_weighted_share_of_the_question_terms_around_a_span():
     hoek = passage.index("Hoek van Holland")
     first_basel = (0, len("Basel"))
     near, basel_first, whole = proximity_to_question(passage, question, [(hoek, hoek + len("Hoek van Holland")), first_basel, (0, len(passage))])
-    # "Rhine" is within 10 words of "Hoek" and of the first "Basel"; "river" and "end" are not in the passage, and
-    # weigh as a word seen once would.
-    in_passage = math.log1p(1 / 2)
-    assert near == pytest.approx(in_passage / (in_passage + 2 * math.log(2)))
-    assert basel_first == pytest.approx(near)
-    spaced = "Rhine " + "word " * 12 + "Basel and more words"
-    basel = spaced.index("Basel")
-    assert proximity_to_question(spaced, question, [(basel, basel + 5)]) == [0.0]  # 12 words away: out of the window
+    # "Rhine" is 7 words before "Hoek" and 4 after the first "Basel", and counts 1 - d/16 at d words; "river" and
+    # "end" are not in the passage, and weigh as a word seen once would.
+    in_passage, absent = math.log1p(1 / 2), 2 * math.log(2)
+    assert near == pytest.approx((1 - 7 / 16) * in_passage / (in_passage + absent))
+    assert basel_first == pytest.approx((1 - 4 / 16) * in_passage / (in_passage + absent)) and basel_first > near
+    for pads, expected in ((14, 1 / 16), (15, 0.0)):  # 15 words away: the window's edge; 16: out of it (each term seen once)
+        spaced = "Rhine " + "word " * pads + "Basel and more words"
+        basel = spaced.index("Basel")
+        assert proximity_to_question(spaced, question, [(basel, basel + 5)]) == [pytest.approx(expected / 3)]
     assert whole == 0.0  # a span covering the passage has nothing around it
     # Terms weigh log(1 + 1/count): the rare one ("sea", once) counts more than the frequent one ("rhine", twice).
     sea_question = "Which sea is the Rhine in?"  # terms: sea, rhine
-    apart = "Rhine X " + "pad " * 12 + "Rhine pad " + "pad " * 12 + "sea Z"
+    apart = "Rhine X " + "pad " * 16 + "Rhine pad " + "pad " * 16 + "sea Z"
     x, z = apart.index("X"), apart.index("Z")
     near_rhine, near_sea = proximity_to_question(apart, sea_question, [(x, x + 1), (z, z + 1)])
     sea, rhine = math.log1p(1 / 1), math.log1p(1 / 2)
-    assert near_rhine == pytest.approx(rhine / (sea + rhine)) and near_sea == pytest.approx(sea / (sea + rhine))
+    assert near_rhine == pytest.approx(15 / 16 * rhine / (sea + rhine)) and near_sea == pytest.approx(15 / 16 * sea / (sea + rhine))
+    # A term counts at its nearest occurrence, on either side.
+    twice = "Rhine pad pad pad pad X pad Rhine"
+    x = twice.index("X")
+    assert proximity_to_question(twice, "Where is the Rhine?", [(x, x + 1)]) == [pytest.approx(1 - 2 / 16)]
     assert proximity_to_question("No shared words at all.", question, [(0, 2)]) == [0.0]
 
 

@@ -32,7 +32,7 @@ Design decisions:
   `RESCORED_PROXIMITY_WEIGHT` x their proximity, constants, so that the candidates a calibration chose among are
   the ones later answers choose among; with proximity among them, they hold better answers (docs/measurements.md).
 - Phase 2 chooses the three weights with the threshold on its held-out questions (`trm.evaluation.calibrate_grounding_on`);
-  0.5, 6 and 0.5 without a stored choice (measured in docs/measurements.md).
+  0.5, 12 and 0.5 without a stored choice (measured in docs/measurements.md).
 - Abstention follows SQuAD 2.0 practice: answer when the best span's score beats the no-answer reply's
   by more than a threshold calibrated on a validation split (`calibrate_no_answer_threshold`) and stored
   beside the model (`grounding.json`). Without a stored threshold the margin is 0: the likelier reply wins.
@@ -62,7 +62,7 @@ GROUNDING_FILE = "grounding.json"
 PRIOR_RESCORED_SPANS = 16  # spans rescored by their prior: the best by the question's score, length and proximity
 RESCORED_LENGTH_BONUS = 0.5  # per token, in picking those spans
 RESCORED_PROXIMITY_WEIGHT = 6.0  # per unit of proximity to the question, in picking them
-PROXIMITY_WINDOW = 10  # words on either side of a span in which the question's terms count
+PROXIMITY_WINDOW = 15  # words on either side of a span in which the question's terms count, the nearer the more
 WORD_START = "\u0120"  # the byte-level BPE mark of a leading space
 
 
@@ -72,7 +72,7 @@ class GroundedSettings:
     start_candidates: int = 16
     starts_near_question: int = 16
     prior_weight: float = 0.5
-    proximity_weight: float = 6.0
+    proximity_weight: float = 12.0
     length_bonus: float = 0.5
     no_answer_threshold: float = 0.0
     allow_no_answer: bool = True
@@ -171,7 +171,8 @@ def _word_boundaries(tokens: list[str]) -> tuple[list[bool], list[bool]]:
 def proximity_to_question(passage: str, question: str, spans: list[tuple[int, int]]) -> list[float]:
     """For each span (start, end characters of the passage): the share of the question's terms found among the
     `PROXIMITY_WINDOW` words on either side of it, each term weighted by log(1 + 1/its count in the passage), so
-    that a rare word says more (the sliding window of the SQuAD paper's baseline). A term the passage lacks weighs
+    that a rare word says more (the sliding window of the SQuAD paper's baseline), and by its nearness: a term d
+    words away counts 1 - d/(PROXIMITY_WINDOW + 1), at its nearest occurrence. A term the passage lacks weighs
     as much as a rare one: a passage missing the question's words is a worse place to answer from."""
     words = [(m.group().lower(), m.start()) for m in re.finditer(r"\w+", passage)]
     counts = Counter(word for word, _ in words)
@@ -181,8 +182,12 @@ def proximity_to_question(passage: str, question: str, spans: list[tuple[int, in
     proximities = []
     for start, end in spans:
         first, after = bisect_left(starts, start), bisect_left(starts, end)
-        near = {word for word, _ in words[max(0, first - PROXIMITY_WINDOW):first] + words[after:after + PROXIMITY_WINDOW]}
-        proximities.append(sum(weights[term] for term in near & weights.keys()) / total if total else 0.0)
+        nearness = {}
+        for distance in range(PROXIMITY_WINDOW, 0, -1):  # farthest first, so that the nearest occurrence is kept
+            for index in (first - distance, after + distance - 1):
+                if 0 <= index < len(words) and words[index][0] in weights:
+                    nearness[words[index][0]] = 1 - distance / (PROXIMITY_WINDOW + 1)
+        proximities.append(sum(weights[term] * share for term, share in nearness.items()) / total if total else 0.0)
     return proximities
 
 
