@@ -20,6 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 KIT=.device_kit
 OUT=${OUT:?set OUT to the folder that comes back}
+mkdir -p "$OUT" || exit 1
 DEADLINE_S=${DEADLINE_S:-585}  # inside the run's timeout_s of 600
 WORK=outputs/device_session
 DATA=outputs/device_data  # unpacked outside the kit, which travels
