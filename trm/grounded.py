@@ -11,8 +11,8 @@ Design decisions:
   the `start_candidates` most probable word starts, and the `starts_near_question` words nearest the question's
   words (by `proximity_to_question`: where the model ranks starts worst), are then extended together as one batch
   of `max_answer_tokens` tokens over the shared cache (plus one row for the no-answer reply). Two forward
-  passes per question, whatever the passage length (~2x the time of free greedy decoding here,
-  `benchmarks/grounded_squad.py`: the batched pass projects ~400 positions onto the vocabulary; padding
+  passes per question, whatever the passage length (~3x the time of free greedy decoding here,
+  `benchmarks/grounded_squad.py`: the batched pass projects ~500 positions onto the vocabulary; padding
   positions of shorter rows are not projected).
 - The candidates are distinct replies: the same tokens score the same wherever they stand, so each is kept once,
   at its occurrence nearest the question's words, and a reply made only of function words or of the question's
@@ -20,7 +20,7 @@ Design decisions:
 - `prior_weight` subtracts that share of each reply's score under the same passage with an empty question
   (the model's taste for a reply whatever is asked: surface-form competition). Only the best
   `PRIOR_RESCORED_SPANS` spans by the question's score (with length and proximity, below) are rescored, so the
-  prior costs one more prompt pass and one short batch (~1.4x plain grounded decoding).
+  prior costs one more prompt pass and one short batch (~1.3x plain grounded decoding).
 - `proximity_weight` adds that multiple of a span's proximity to the question: the weighted share of the
   question's terms among the words around the span (`proximity_to_question`, the sliding window of the SQuAD
   paper's baseline). The small model knows what kind of answer fits but not where the question points: its 16
