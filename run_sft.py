@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise RecipeError(f"calibration_min_no_answer must be between 0 and 1, got {data_args.calibration_min_no_answer}.")
     if model_args.document_attention:
         raise RecipeError("document_attention is for phase 1's packed blocks; phase-2 examples never share a row.")
+    if model_args.batch_ramp_steps:
+        raise RecipeError("batch_ramp_steps is for phase 1's packed blocks, whose sequences all carry the same number of "
+                          "labels; set it to 0 for phase 2.")
     if data_args.fill_train_hours and (model_args.train_hours is None or training_args.max_steps > 0):
         raise RecipeError("fill_train_hours sizes phase 2's data to its time budget over num_train_epochs: set train_hours "
                           "(make sft HOURS=H) and leave max_steps unset.")

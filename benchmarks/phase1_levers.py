@@ -46,6 +46,7 @@ LEVERS = {
     "zero_init_projections": ["--zero_init_projections", "true"],
     "z_loss_1e-4": ["--z_loss_weight", "1e-4"],
     "ema_0.999": ["--ema_decay", "0.999"],
+    "batch_ramp_280": ["--batch_ramp_steps", "280"],  # 5% of a full run's ~5,600 steps of 32 x 256 tokens, at every length
     "lr_1e-3": ["--learning_rate", "1e-3"],  # the rate before 2e-3 became the recipe's
     "lr_2e-3": ["--learning_rate", "2e-3"],
     "lr_4e-3": ["--learning_rate", "4e-3"],

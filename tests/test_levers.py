@@ -146,3 +146,50 @@ def test_a_decay_length_below_one_is_that_share_of_the_run(tmp_path):
         trainer.lr_scheduler.step()
     assert trainer.args.lr_scheduler_kwargs["num_decay_steps"] == 2
     assert rates[:9] == [1e-2] * 9 and rates[9] < 1e-2  # stable until step 8, then the last 2 steps decay
+
+
+def test_a_batch_ramp_grows_from_a_quarter_of_the_step_to_all_of_it_in_equal_updates():
+    from trm.training import ramp_update_rows
+
+    sizes = [ramp_update_rows(step, 30, 32) for step in range(40)]
+    assert sizes[0] == 8 and sizes[29] == 16 and sizes[30:] == [32] * 10
+    assert sizes == sorted(sizes) and set(sizes) == {8, 16, 32}
+    assert ramp_update_rows(0, 30, 5) == 5  # no divisor of 5 in [2, 5): the step stays one update
+
+
+def _ramp_run(tmp_path, per_device: int, accumulation: int, max_steps: int, use_muon: bool, **kwargs):
+    dataset = Dataset.from_dict({"input_ids": torch.randint(0, 50000, (16, 32), generator=torch.Generator().manual_seed(4)).tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=per_device,
+                             gradient_accumulation_steps=accumulation, max_steps=max_steps, learning_rate=1e-2,
+                             lr_scheduler_type="constant", max_grad_norm=0.5, logging_steps=1, save_strategy="no",
+                             disable_tqdm=True, seed=0, adam_epsilon=1e-3)  # Adam's default 1e-8 turns float noise into whole steps
+    trainer = TrmTrainer(model=_model(), args=args, train_dataset=dataset, data_collator=collate_blocks, use_muon=use_muon, **kwargs)
+    trainer.train()
+    return trainer
+
+
+# Muon's Newton-Schulz iterations run in bf16, so only micro-batches summed in the same order match it exactly.
+@pytest.mark.parametrize("per_device, accumulation, use_muon", [(4, 2, True), (8, 1, True), (1, 8, False), (8, 1, False)])
+def test_batch_ramp_updates_are_the_steps_of_a_run_with_that_batch_size(tmp_path, per_device, accumulation, use_muon):
+    """During the ramp's first third a step of 8 sequences is 4 updates of 2, whether the step's micro-batches
+    are split or gathered: the weights, and the losses logged, are those of 8 steps of 2 sequences."""
+    ramped = _ramp_run(tmp_path / "ramped", per_device, accumulation, 2, use_muon, batch_ramp_steps=100)
+    small = _ramp_run(tmp_path / "small", 2, 1, 8, use_muon)
+    for (name, a), (_, b) in zip(ramped.model.named_parameters(), small.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    ramped_losses = [entry["loss"] for entry in ramped.state.log_history if "loss" in entry]
+    small_losses = [entry["loss"] for entry in small.state.log_history if "loss" in entry]
+    assert ramped_losses == pytest.approx([sum(small_losses[:4]) / 4, sum(small_losses[4:]) / 4], rel=1e-5)
+    unramped = _ramp_run(tmp_path / "unramped", per_device, accumulation, 2, use_muon)
+    assert not torch.allclose(unramped.model.transformer.h[0].mlp.c_fc.weight, ramped.model.transformer.h[0].mlp.c_fc.weight, atol=1e-3)
+
+
+def test_a_batch_ramp_is_refused_where_it_cannot_train_as_the_trainer_would(tmp_path):
+    from trm.recipe import RecipeError
+    from trm.training import ModelArguments
+
+    with pytest.raises(RecipeError, match="batch_ramp_steps must be 0 or more"):
+        ModelArguments(batch_ramp_steps=-1)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=1)
+    with pytest.raises(RecipeError, match="at least 2 sequences per step"):
+        TrmTrainer(model=_model(), args=args, batch_ramp_steps=0.1)

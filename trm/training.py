@@ -15,7 +15,9 @@ Design decisions:
 - Levers measured in the README ("The full recipe, measured") are settings, not forks: `use_muon` makes
   `create_optimizer` build `trm.optimizers.MuonWithAdamW`; `prompt_loss_weight` adds the prompt tokens to the
   training loss at that weight (evaluation stays on replies); `document_attention` collates packed blocks with
-  position ids that restart at each `<|endoftext|>`, which `transformers` turns into a block-diagonal mask.
+  position ids that restart at each `<|endoftext|>`, which `transformers` turns into a block-diagonal mask;
+  `batch_ramp_steps` splits each early step into smaller optimizer updates inside `training_step`, so the
+  Trainer's steps, epochs, schedule, checkpoints and resume stay those of the fixed batch.
 - Callbacks, not a custom loop: early stopping (`EarlyStoppingCallback`), sample generations at each
   evaluation, a CSV copy of the logs, and Ctrl-C, which asks the Trainer to save a checkpoint and stop
   at the end of the current step (a second Ctrl-C aborts at once).
@@ -87,6 +89,7 @@ class ModelArguments:
     z_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the z-loss (log-normaliser squared) in training, e.g. 1e-4; evaluation reports plain cross-entropy."})
     ema_decay: float | None = field(default=None, metadata={"help": "Keep an exponential moving average of the weights (e.g. 0.999): evaluations and the final model use it."})
     zero_init_projections: bool = field(default=False, metadata={"help": "Phase 1: start each block's output projections (attention and MLP) at zero."})
+    batch_ramp_steps: float = field(default=0.0, metadata={"help": "Phase 1: a small-batch start. Over this many steps (below 1: that share of the run) each step's sequences are split into several optimizer updates, a quarter of the step's batch each at first, growing linearly to the whole batch (0: off)."})
     document_attention: bool = field(default=False, metadata={"help": "Phase 1: attention and positions restart at each <|endoftext|> in a packed block."})
     max_train_minutes: float | None = field(default=None, metadata={"help": "Stop after this much training time: evaluate, save, finish the model (the schedule still plans the whole run; see train_hours)."})
     train_hours: float | None = field(default=None, metadata={"help": "Time budget of the whole run: its first steps measure this machine's speed, then the run (warmup-stable-decay included) is planned to end within it, never beyond the epoch cap."})
@@ -99,6 +102,8 @@ class ModelArguments:
             raise RecipeError(f"max_train_minutes must be above 0, got {self.max_train_minutes}.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise RecipeError(f"ema_decay must be between 0 and 1, got {self.ema_decay}.")
+        if self.batch_ramp_steps < 0:
+            raise RecipeError(f"batch_ramp_steps must be 0 or more, got {self.batch_ramp_steps}.")
         if self.train_hours is not None and self.train_hours <= 0:
             raise RecipeError(f"train_hours must be above 0, got {self.train_hours}.")
         if self.config_name == AUTO_SHAPE and self.train_hours is None:
@@ -114,7 +119,7 @@ class TrmTrainer(Trainer):
     loss_is_scaled_for_ga = True  # the loss below is normalised by `num_items_in_batch` when given
 
     def __init__(self, *args, loss_chunk_rows: int = 256, use_muon: bool = False, prompt_loss_weight: float = 0.0,
-                 z_loss_weight: float = 0.0, **kwargs):
+                 z_loss_weight: float = 0.0, batch_ramp_steps: float = 0.0, **kwargs):
         if prompt_loss_weight < 0:
             raise RecipeError(f"prompt_loss_weight must be 0 or more, got {prompt_loss_weight}.")
         if prompt_loss_weight and loss_chunk_rows <= 0:
@@ -123,6 +128,10 @@ class TrmTrainer(Trainer):
             raise RecipeError(f"z_loss_weight must be 0 or more and needs the chunked loss (loss_chunk_rows above 0), got {z_loss_weight}.")
         super().__init__(*args, **kwargs)
         self.use_muon, self.prompt_loss_weight, self.z_loss_weight = use_muon, prompt_loss_weight, z_loss_weight
+        self.batch_ramp_steps = batch_ramp_steps
+        if batch_ramp_steps:
+            check_batch_ramp(self.args)
+        self._ramp_rows_pending, self._ramp_micro_batches = 0, 0  # where the current step's updates stand
         use_fused_gelu(self.accelerator.unwrap_model(self.model))
         # Both losses here shift labels by one. Trainer infers this from `config.loss_type`, which a freshly
         # built GPT2Config leaves unset; it would then count position 0 in `num_items_in_batch` and
@@ -212,6 +221,47 @@ class TrmTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         return loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, or during a batch ramp (`batch_ramp_steps`) several optimizer updates within it.
+
+        A ramp update takes the next `update_rows` sequences of the step, in order, across micro-batches or
+        within one, and its loss is normalised by its own share of the step's labels: packed blocks all carry
+        the same number, so each update is exactly the step a run with that batch size would take. The
+        Trainer's own optimizer step makes the last update; the loss returned keeps the step's usual scale."""
+        step_rows = self.args.per_device_train_batch_size * self.current_gradient_accumulation_steps
+        ramp = self.batch_ramp_steps  # as `warmup_steps`: below 1, a share of the (planned) run
+        ramp_steps = int(ramp) if ramp >= 1 else math.ceil(ramp * self.state.max_steps)
+        update_rows = ramp_update_rows(self.state.global_step, ramp_steps, step_rows)
+        if update_rows >= step_rows:
+            return super().training_step(model, inputs, num_items_in_batch)
+        share = update_rows / step_rows
+        update_items = None if num_items_in_batch is None else num_items_in_batch * share
+        rows = inputs["input_ids"].shape[0]
+        self._ramp_micro_batches += 1
+        last_of_step = self._ramp_micro_batches == self.current_gradient_accumulation_steps
+        reported, start = None, 0
+        while start < rows:
+            take = min(rows - start, update_rows - self._ramp_rows_pending)
+            piece = {key: value[start:start + take] if torch.is_tensor(value) and value.dim() and value.shape[0] == rows else value
+                     for key, value in inputs.items()}
+            loss = super().training_step(model, piece, update_items) * share
+            reported = loss if reported is None else reported + loss
+            start, self._ramp_rows_pending = start + take, self._ramp_rows_pending + take
+            if self._ramp_rows_pending == update_rows and not (last_of_step and start == rows):
+                self._update_within_step(model)
+        if last_of_step:
+            self._ramp_rows_pending, self._ramp_micro_batches = 0, 0
+        return reported
+
+    def _update_within_step(self, model) -> None:
+        """One optimizer update between the Trainer's own: clipped as the Trainer clips, at the step's learning rate.
+        accelerate's optimizer wrapper steps only when the Trainer syncs gradients, so the optimizer it wraps steps."""
+        if self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        getattr(self.optimizer, "optimizer", self.optimizer).step()
+        model.zero_grad()
+        self._ramp_rows_pending = 0
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # The stock prediction step always asks for the outputs, i.e. the full logits; evaluation needs the loss only.
         if not prediction_loss_only or self.loss_chunk_rows <= 0:
@@ -252,6 +302,29 @@ class TrmTrainer(Trainer):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
                 callback.training_bar.set_postfix(tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+
+
+def ramp_update_rows(step: int, ramp_steps: int, step_rows: int) -> int:
+    """Sequences per optimizer update at `step` of a batch ramp: from a quarter of the step's `step_rows`, growing
+    linearly over `ramp_steps` to all of them, rounded down to a divisor of `step_rows` (so a step's updates are
+    equal) but never below the quarter."""
+    if step >= ramp_steps:
+        return step_rows
+    sizes = [rows for rows in range(math.ceil(step_rows / 4), step_rows + 1) if step_rows % rows == 0]
+    target = sizes[0] + (step_rows - sizes[0]) * step / ramp_steps
+    return max(rows for rows in sizes if rows <= target)
+
+
+def check_batch_ramp(args) -> None:
+    """A batch ramp updates the weights between the Trainer's own steps, which only a single process without a
+    loss scaler can do as the Trainer would."""
+    if args.world_size > 1:
+        raise RecipeError("batch_ramp_steps trains in one process only; set it to 0 for a multi-process run.")
+    if args.fp16:
+        raise RecipeError("batch_ramp_steps does not work with fp16's loss scaler; use bf16 or fp32 (precision: bf16|fp32).")
+    if args.per_device_train_batch_size * args.gradient_accumulation_steps < 2:
+        raise RecipeError("batch_ramp_steps needs at least 2 sequences per step (per_device_train_batch_size x "
+                          "gradient_accumulation_steps) to split into smaller updates.")
 
 
 class WeightAverage(TrainerCallback):
@@ -726,6 +799,7 @@ def train_and_evaluate(
         use_muon=model_args.use_muon,
         prompt_loss_weight=model_args.prompt_loss_weight,
         z_loss_weight=model_args.z_loss_weight,
+        batch_ramp_steps=model_args.batch_ramp_steps,
     )
     trainer_ref.append(trainer)
     if resume and checkpoint_ends_the_run(resume, training_args):
