@@ -184,12 +184,15 @@ def test_batch_ramp_updates_are_the_steps_of_a_run_with_that_batch_size(tmp_path
     assert not torch.allclose(unramped.model.transformer.h[0].mlp.c_fc.weight, ramped.model.transformer.h[0].mlp.c_fc.weight, atol=1e-3)
 
 
-def test_a_batch_ramp_is_refused_where_it_cannot_train_as_the_trainer_would(tmp_path):
+def test_a_batch_ramp_says_so_and_stays_off_where_it_cannot_train_as_the_trainer_would(tmp_path, caplog):
+    import logging
+
     from trm.recipe import RecipeError
     from trm.training import ModelArguments
 
     with pytest.raises(RecipeError, match="batch_ramp_steps must be 0 or more"):
         ModelArguments(batch_ramp_steps=-1)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=1)
-    with pytest.raises(RecipeError, match="at least 2 sequences per step"):
-        TrmTrainer(model=_model(), args=args, batch_ramp_steps=0.1)
+    with caplog.at_level(logging.WARNING, logger="trm.training"):
+        trainer = TrmTrainer(model=_model(), args=args, batch_ramp_steps=0.1)
+    assert trainer.batch_ramp_steps == 0 and "batch_ramp_steps 0.1 is off for this run: a step of one sequence" in caplog.text

@@ -128,9 +128,10 @@ class TrmTrainer(Trainer):
             raise RecipeError(f"z_loss_weight must be 0 or more and needs the chunked loss (loss_chunk_rows above 0), got {z_loss_weight}.")
         super().__init__(*args, **kwargs)
         self.use_muon, self.prompt_loss_weight, self.z_loss_weight = use_muon, prompt_loss_weight, z_loss_weight
-        self.batch_ramp_steps = batch_ramp_steps
-        if batch_ramp_steps:
-            check_batch_ramp(self.args)
+        problem = batch_ramp_problem(self.args) if batch_ramp_steps else None
+        if problem:
+            logger.warning("batch_ramp_steps %g is off for this run: %s", batch_ramp_steps, problem)
+        self.batch_ramp_steps = 0.0 if problem else batch_ramp_steps
         self._ramp_rows_pending, self._ramp_micro_batches = 0, 0  # where the current step's updates stand
         use_fused_gelu(self.accelerator.unwrap_model(self.model))
         # Both losses here shift labels by one. Trainer infers this from `config.loss_type`, which a freshly
@@ -315,16 +316,16 @@ def ramp_update_rows(step: int, ramp_steps: int, step_rows: int) -> int:
     return max(rows for rows in sizes if rows <= target)
 
 
-def check_batch_ramp(args) -> None:
-    """A batch ramp updates the weights between the Trainer's own steps, which only a single process without a
-    loss scaler can do as the Trainer would."""
+def batch_ramp_problem(args) -> str | None:
+    """Why a batch ramp cannot run as the Trainer would (updates between its own steps need one process without a
+    loss scaler, and a step of 2 sequences or more), or None."""
     if args.world_size > 1:
-        raise RecipeError("batch_ramp_steps trains in one process only; set it to 0 for a multi-process run.")
+        return "it trains in one process only (its updates inside a step would use unsynchronised gradients)."
     if args.fp16:
-        raise RecipeError("batch_ramp_steps does not work with fp16's loss scaler; use bf16 or fp32 (precision: bf16|fp32).")
+        return "fp16's loss scaler steps only with the Trainer; bf16 or fp32 keep the ramp."
     if args.per_device_train_batch_size * args.gradient_accumulation_steps < 2:
-        raise RecipeError("batch_ramp_steps needs at least 2 sequences per step (per_device_train_batch_size x "
-                          "gradient_accumulation_steps) to split into smaller updates.")
+        return "a step of one sequence cannot be split into smaller updates."
+    return None
 
 
 class WeightAverage(TrainerCallback):
