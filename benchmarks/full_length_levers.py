@@ -45,6 +45,7 @@ from trm.full_recipe import FullRecipe, prepared_validation_dir  # noqa: E402
 PHASE1_LEVERS = {
     "cosine": ["--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", "{}"],
     "adamw": ["--use_muon", "false"],
+    "no_batch_ramp": ["--batch_ramp_steps", "0"],
     **{name: setting for name, setting in phase1_levers.LEVERS.items() if name != "baseline"},
 }
 PHASE2_LEVERS = {

@@ -47,10 +47,16 @@ LEVERS = {
     "z_loss_1e-4": ["--z_loss_weight", "1e-4"],
     "ema_0.999": ["--ema_decay", "0.999"],
     "batch_ramp_280": ["--batch_ramp_steps", "280"],  # 5% of a full run's ~5,600 steps of 32 x 256 tokens, at every length
+    # 16 sequences per step, ramped over the recipe's first 8,960 sequences (from 4 per update); micro-batches of 8
+    "batch_16": ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--batch_ramp_steps", "560"],
     "lr_1e-3": ["--learning_rate", "1e-3"],  # the rate before 2e-3 became the recipe's
     "lr_2e-3": ["--learning_rate", "2e-3"],
     "lr_4e-3": ["--learning_rate", "4e-3"],
 }
+
+# Levers whose steps hold fewer sequences than the recipe's 32: their runs take proportionally more steps (and
+# evaluate proportionally less often in steps), so every run sees the same tokens and is evaluated at the same counts.
+STEPS_PER_RECIPE_STEP = {"batch_16": 2}
 
 
 def usable_cores() -> int:
@@ -58,11 +64,18 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def run_steps(name: str, args) -> tuple[int, int]:
+    """`--max_steps` and `--eval_steps` of a run, at the recipe's tokens per step."""
+    scale = STEPS_PER_RECIPE_STEP.get(name, 1)
+    return args.max_steps * scale, args.eval_steps * scale
+
+
 def run_command(name: str, args) -> list[str]:
+    max_steps, eval_steps = run_steps(name, args)
     return [
         sys.executable, str(ROOT / "run_clm.py"), str(ROOT / "recipes" / "phase1_pretraining.yaml"),
         "--train_file", args.train_file, "--output_dir", str(Path(args.output_dir) / name), "--seed", str(args.seed),
-        "--max_steps", str(args.max_steps), "--eval_steps", str(args.eval_steps), "--save_steps", str(args.eval_steps),
+        "--max_steps", str(max_steps), "--eval_steps", str(eval_steps), "--save_steps", str(eval_steps),
         "--max_eval_tokens", "100000000", "--load_best_model_at_end", "false", "--disable_tqdm", "true",
         "--resume", *(BEFORE if args.base == "before" else []), *LEVERS[name],
     ]
@@ -153,10 +166,10 @@ def main() -> None:
 
     output = Path(args.output_dir)
     steps = {name: trained_steps(output / name) for name in names}
-    pending = [name for name in names if steps[name] < args.max_steps]
+    pending = [name for name in names if steps[name] < run_steps(name, args)[0]]
     for name in pending:
         if steps[name]:
-            print(f"{name}: stopped at step {steps[name]} of {args.max_steps} (interrupted); resuming it", flush=True)
+            print(f"{name}: stopped at step {steps[name]} of {run_steps(name, args)[0]} (interrupted); resuming it", flush=True)
             (output / name / FINAL_REPORT).unlink(missing_ok=True)
     threads = max(1, usable_cores() // max(1, args.parallel))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
