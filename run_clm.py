@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
             raise rules.RuleViolation(f"block_size {data_args.block_size} exceeds the model's context {context} ({shape}).")
     rules.check_tokenizer(model_args.tokenizer_name)
     rules.check_epochs(PHASE, training_args.num_train_epochs)
-    model = build_model(shapes[0], seed=training_args.seed, zero_init_projections=model_args.zero_init_projections)
+    def build(shape: str):
+        return build_model(shape, seed=training_args.seed, zero_init_projections=model_args.zero_init_projections,
+                           sinusoidal_positions=model_args.sinusoidal_positions)
+
+    model = build(shapes[0])
     resume = claim_output_dir(training_args)
     precision = settle_precision(model_args, training_args, model, data_args.block_size)
 
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         config_name = plan_phase1_shape(shapes, len(datasets_["train"]), data_args.block_size, model_args.train_hours,
                                         training_args, precision.dtype == "bf16", resume, collator)
         if config_name != shapes[0]:
-            model = build_model(config_name, seed=training_args.seed, zero_init_projections=model_args.zero_init_projections)
+            model = build(config_name)
     tokenizer = load_tokenizer(model_max_length=data_args.block_size)
     model.generation_config = default_generation_config(tokenizer)
     counts = parameter_counts(model)

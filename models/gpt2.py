@@ -46,10 +46,14 @@ def load_shape(config_name: str | Path) -> GPT2Config:
         raise DataError(f"model config {path} is not a GPT2Config JSON object ({error}); fix it or pick one of configs/*.json.") from None
 
 
-def build_model(config_name: str | Path, seed: int | None = None, zero_init_projections: bool = False) -> GPT2LMHeadModel:
+def build_model(config_name: str | Path, seed: int | None = None, zero_init_projections: bool = False,
+                sinusoidal_positions: bool = False) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 of the shape in `config_name` (a GPT2Config JSON file); `zero_init_projections`
     starts every block's attention and MLP output projection at zero (each block begins as the identity), as
-    modded-nanogpt does. The model stays a plain `GPT2LMHeadModel`: only its starting values differ."""
+    modded-nanogpt does; `sinusoidal_positions` starts the learned position table at the sinusoids of the original
+    Transformer, scaled to the initializer's size (neighbouring positions are then one fixed rotation apart, which
+    a previous-token head, the first half of an induction head, can use from the start). The model stays a plain
+    `GPT2LMHeadModel`: only its starting values differ."""
     config = load_shape(config_name)
     config.n_ctx = config.n_positions  # saved with the model: llama.cpp's GGUF converter reads the context as n_ctx
     if seed is not None:
@@ -60,7 +64,19 @@ def build_model(config_name: str | Path, seed: int | None = None, zero_init_proj
             for block in model.transformer.h:
                 block.attn.c_proj.weight.zero_()
                 block.mlp.c_proj.weight.zero_()
+    if sinusoidal_positions:
+        with torch.no_grad():
+            model.transformer.wpe.weight.copy_(sinusoid_table(config.n_positions, config.n_embd) * config.initializer_range * 2 ** 0.5)
     return model
+
+
+def sinusoid_table(positions: int, width: int) -> torch.Tensor:
+    """sin and cos of each position at geometrically spaced frequencies (Vaswani et al., 2017), interleaved."""
+    frequencies = 10000.0 ** (-torch.arange(0, width, 2, dtype=torch.float64) / width)
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * frequencies[None, :]
+    table = torch.zeros(positions, width, dtype=torch.float64)
+    table[:, 0::2], table[:, 1::2] = angles.sin(), angles.cos()[:, : width // 2]
+    return table.float()
 
 
 def parameter_counts(model: GPT2LMHeadModel) -> dict[str, int]:
