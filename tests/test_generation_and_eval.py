@@ -221,3 +221,14 @@ def test_copying_probe_separates_a_model_that_copies_from_one_that_cannot():
     copier = Copier(model_preferring(EOS, strength=0.0))
     losses = copying_loss(copier, half=16, rows=4)
     assert losses["copy_loss"] < losses["random_loss"] - 3.0
+
+
+def test_loading_a_model_prints_no_progress_bar_and_leaves_the_setting_as_it_was(model_dir, capfd):
+    from transformers.utils import logging as transformers_logging
+
+    from trm.generation import load_model
+
+    transformers_logging.enable_progress_bar()
+    load_model(model_dir)
+    assert "Loading weights" not in capfd.readouterr().err  # what a chat or `make ask` prints stays its own
+    assert transformers_logging.is_progress_bar_enabled()

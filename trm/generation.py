@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+from transformers.utils import logging as transformers_logging
 
 from data.files import DataError
 from data.prompt_format import generation_prompt, render
@@ -77,6 +78,8 @@ def from_pretrained(loader, folder: Path):
     config naming custom code is refused instead of asking on stdin), with every problem in one sentence: a damaged
     directory (truncated weights, invalid JSON), another architecture than GPT-2, weights missing from the file
     (which transformers would fill with random values), a tokenizer other than GPT-2's."""
+    bar_was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a bar over a 76-tensor file is noise in a chat or a script's output
     try:
         if loader is AutoTokenizer:
             loaded, missing = loader.from_pretrained(str(folder), trust_remote_code=False), set()
@@ -86,6 +89,9 @@ def from_pretrained(loader, folder: Path):
     except Exception as error:  # damage surfaces as OSError, ValueError, safetensors' own error, ...
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise DataError(f"{folder} is not a readable model directory ({reason[:300]}); train or copy it again.") from None
+    finally:
+        if bar_was_on:
+            transformers_logging.enable_progress_bar()
     if loader is AutoTokenizer:
         if len(loaded) != GPT2_VOCABULARY or loaded("Hello world")["input_ids"] != [15496, 995]:
             raise DataError(f"{folder}: its tokenizer is not GPT-2's ({len(loaded):,} tokens); TRM models use GPT-2's 50,257.")
