@@ -44,7 +44,8 @@ LEVERS = {
     "decay_to_0.1": ["--lr_scheduler_type", "warmup_stable_decay",
                      "--lr_scheduler_kwargs", json.dumps({"num_decay_steps": 0.2, "min_lr_ratio": 0.1})],
     "zero_init_projections": ["--zero_init_projections", "true"],
-    "sinusoidal_positions": ["--sinusoidal_positions", "true"],
+    "sinusoidal_positions": ["--sinusoidal_positions", "0.02"],  # the size of GPT-2's random start
+    "sinusoidal_positions_0.1": ["--sinusoidal_positions", "0.1"],  # nearer the trained token embeddings' size
     "z_loss_1e-4": ["--z_loss_weight", "1e-4"],
     "ema_0.999": ["--ema_decay", "0.999"],
     "batch_ramp_280": ["--batch_ramp_steps", "280"],  # 5% of a full run's ~5,600 steps of 32 x 256 tokens, at every length

@@ -47,13 +47,13 @@ def load_shape(config_name: str | Path) -> GPT2Config:
 
 
 def build_model(config_name: str | Path, seed: int | None = None, zero_init_projections: bool = False,
-                sinusoidal_positions: bool = False) -> GPT2LMHeadModel:
+                sinusoidal_positions: float = 0.0) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 of the shape in `config_name` (a GPT2Config JSON file); `zero_init_projections`
     starts every block's attention and MLP output projection at zero (each block begins as the identity), as
-    modded-nanogpt does; `sinusoidal_positions` starts the learned position table at the sinusoids of the original
-    Transformer, scaled to the initializer's size (neighbouring positions are then one fixed rotation apart, which
-    a previous-token head, the first half of an induction head, can use from the start). The model stays a plain
-    `GPT2LMHeadModel`: only its starting values differ."""
+    modded-nanogpt does; `sinusoidal_positions` > 0 starts the learned position table at the sinusoids of the
+    original Transformer at that root-mean-square size (GPT-2's random start is 0.02): neighbouring positions are
+    then one fixed rotation apart, which a previous-token head, the first half of an induction head, can use from
+    the start. The model stays a plain `GPT2LMHeadModel`: only its starting values differ."""
     config = load_shape(config_name)
     config.n_ctx = config.n_positions  # saved with the model: llama.cpp's GGUF converter reads the context as n_ctx
     if seed is not None:
@@ -66,7 +66,7 @@ def build_model(config_name: str | Path, seed: int | None = None, zero_init_proj
                 block.mlp.c_proj.weight.zero_()
     if sinusoidal_positions:
         with torch.no_grad():
-            model.transformer.wpe.weight.copy_(sinusoid_table(config.n_positions, config.n_embd) * config.initializer_range * 2 ** 0.5)
+            model.transformer.wpe.weight.copy_(sinusoid_table(config.n_positions, config.n_embd) * sinusoidal_positions * 2 ** 0.5)
     return model
 
 
