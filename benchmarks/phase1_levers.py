@@ -10,8 +10,10 @@ cosine), or with `--base recipe` the recipe as it is now (Muon, warmup-stable-de
 evaluated on the whole prepared validation split (`--max_eval_tokens` unbounded) every `--eval_steps`, and
 with `--blimp` each final model on BLiMP (`run_eval.py`, mean over paradigms) and with `--text_file` on held-out
 text no run trained on (loss and bits per byte: the common measure when a change to the data pipeline changes the
-validation split itself). `--parallel N` runs N at once with
-one thread each, so runs started together share the machine alike; each run resumes if interrupted (also after
+validation split itself). `--parallel N` runs N at once, sharing the cores this process may use (one thread
+each on 2 cores), so runs started together share the machine alike; a second invocation beside a running one
+takes all the cores too and both slow down several-fold (measured: ~500 instead of ~1,800 tokens/s): pin each
+to its own cores (`taskset -c 1 python benchmarks/phase1_levers.py ...`). Each run resumes if interrupted (also after
 Ctrl-C, whose final model stops short of `--max_steps`) and a finished run is not repeated. The table compares
 validation loss at equal tokens and reports each run's measured tokens/s: levers that change the cost of a step
 (depth, Muon) are judged at equal time by `--max_steps` scaled with that cost. Writes `levers.json` and the curves as `levers.png`.
