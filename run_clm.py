@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise rules.RuleViolation(f"block_size {data_args.block_size} exceeds the model's context {context} ({shape}).")
     rules.check_tokenizer(model_args.tokenizer_name)
     rules.check_epochs(PHASE, training_args.num_train_epochs)
+
     def build(shape: str):
         return build_model(shape, seed=training_args.seed, zero_init_projections=model_args.zero_init_projections,
                            sinusoidal_positions=model_args.sinusoidal_positions)

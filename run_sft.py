@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise RecipeError(f"calibration_min_no_answer must be between 0 and 1, got {data_args.calibration_min_no_answer}.")
     if model_args.document_attention:
         raise RecipeError("document_attention is for phase 1's packed blocks; phase-2 examples never share a row.")
+    if model_args.zero_init_projections or model_args.sinusoidal_positions:
+        raise RecipeError("zero_init_projections and sinusoidal_positions choose phase 1's starting weights; phase 2 "
+                          "starts from the phase-1 model: set them in phase 1.")
     if model_args.batch_ramp_steps:
         raise RecipeError("batch_ramp_steps is for phase 1's packed blocks, whose sequences all carry the same number of "
                           "labels; set it to 0 for phase 2.")

@@ -192,6 +192,9 @@ def test_a_batch_ramp_says_so_and_stays_off_where_it_cannot_train_as_the_trainer
 
     with pytest.raises(RecipeError, match="batch_ramp_steps must be 0 or more"):
         ModelArguments(batch_ramp_steps=-1)
+    for size in (-0.1, float("nan")):
+        with pytest.raises(RecipeError, match="sinusoidal_positions is the position table's starting size"):
+            ModelArguments(sinusoidal_positions=size)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=1)
     with caplog.at_level(logging.WARNING, logger="trm.training"):
         trainer = TrmTrainer(model=_model(), args=args, batch_ramp_steps=0.1)

@@ -153,6 +153,8 @@ def test_phase2_tunes_the_phase1_model_and_refuses_bad_configs(phase1_model, tmp
         run_sft.main([str(recipe), "--model_name_or_path", "null"])
     with pytest.raises(RecipeError, match="batch_ramp_steps is for phase 1"):
         run_sft.main([str(recipe), "--batch_ramp_steps", "0.1"])
+    with pytest.raises(RecipeError, match="choose phase 1's starting weights"):
+        run_sft.main([str(recipe), "--sinusoidal_positions", "0.1"])
 
     callback_warnings = []
     handler = logging.Handler()

@@ -105,6 +105,9 @@ class ModelArguments:
             raise RecipeError(f"ema_decay must be between 0 and 1, got {self.ema_decay}.")
         if self.batch_ramp_steps < 0:
             raise RecipeError(f"batch_ramp_steps must be 0 or more, got {self.batch_ramp_steps}.")
+        if not self.sinusoidal_positions >= 0:
+            raise RecipeError(f"sinusoidal_positions is the position table's starting size: 0 (off) or more, e.g. 0.1; "
+                              f"got {self.sinusoidal_positions}.")
         if self.train_hours is not None and self.train_hours <= 0:
             raise RecipeError(f"train_hours must be above 0, got {self.train_hours}.")
         if self.config_name == AUTO_SHAPE and self.train_hours is None:
