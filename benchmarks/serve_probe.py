@@ -106,13 +106,19 @@ def silent_client(port: int) -> bool:
 
 
 def too_many_connections(port: int, cap: int) -> bool:
-    held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(cap)]
-    try:
-        time.sleep(0.3)
-        return status_of(exchange(port, request_bytes(port))) == 503
-    finally:
-        for connection in held:
-            connection.close()
+    """`cap` idle connections, then one more: 503. A busy server may not have accepted the idle ones yet when the
+    extra one arrives (it is then served), so each try waits twice as long; all waits stay under a second, shorter
+    than the socket timeout that would close the idle ones."""
+    for wait_s in (0.2, 0.4, 0.8):
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(cap)]
+        try:
+            time.sleep(wait_s)
+            if status_of(exchange(port, request_bytes(port))) == 503:
+                return True
+        finally:
+            for connection in held:
+                connection.close()
+    return False
 
 
 def client_hangs_up(port: int) -> bool:

@@ -84,6 +84,31 @@ def test_a_muon_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+@pytest.mark.parametrize("use_muon", [True, False])
+def test_decay_embeddings_false_leaves_the_embeddings_undecayed_and_the_blocks_decayed(tmp_path, use_muon):
+    """Positions 32-63 never occur in the 32-token blocks, so only weight decay can move their rows."""
+    def trained(decay_embeddings):
+        model = _model()
+        args = TrainingArguments(output_dir=str(tmp_path / str(decay_embeddings)), use_cpu=True, report_to=[],
+                                 per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2, weight_decay=0.5,
+                                 lr_scheduler_type="constant", save_strategy="no", disable_tqdm=True, seed=0)
+        dataset = Dataset.from_dict({"input_ids": torch.randint(0, 50000, (16, 32), generator=torch.Generator().manual_seed(4)).tolist()})
+        trainer = TrmTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate_blocks, use_muon=use_muon,
+                             decay_embeddings=decay_embeddings)
+        names = trainer.get_decay_parameter_names(model)
+        trainer.train()
+        return model, names
+
+    start = _model().transformer.wpe.weight[32:].detach().clone()
+    decayed, decayed_names = trained(True)
+    kept, kept_names = trained(False)
+    assert torch.allclose(decayed.transformer.wpe.weight[32:], start * (1 - 1e-2 * 0.5) ** 3, atol=1e-7)
+    assert torch.equal(kept.transformer.wpe.weight[32:], start)
+    embeddings = {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"}
+    assert not embeddings & set(kept_names) and set(decayed_names) - set(kept_names) <= embeddings
+    assert "transformer.h.0.mlp.c_fc.weight" in kept_names
+
+
 def test_evaluation_lays_out_a_passage_the_way_the_model_was_tuned(monkeypatch, tokenizer):
     import trm.evaluation as evaluation
 

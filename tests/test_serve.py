@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from benchmarks.serve_probe import exchange, request_bytes, run_probe, status_of
+from benchmarks.serve_probe import exchange, request_bytes, run_probe, status_of, too_many_connections
 from data.prompt_format import generation_prompt
 from trm.generation import fit_history, load_model
 from trm.serve import ChatService, ClientGone, ServerLimits, make_server
@@ -186,6 +186,17 @@ def test_the_hostile_input_probe_holds_against_the_server(model_dir):
         httpd.shutdown()
         httpd.server_close()
     assert {name: r for name, r in results.items() if r["held"] < r["tried"]} == {}
+
+
+def test_the_connection_check_fails_where_the_cap_is_higher(model_dir):
+    httpd, _ = _start(model_dir, ServerLimits(socket_timeout_s=5.0, max_connections=6))
+    try:
+        port = httpd.server_address[1]
+        assert not too_many_connections(port, cap=4)
+        assert too_many_connections(port, cap=6)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_a_tiny_temperature_answers_greedily(bounded):

@@ -17,7 +17,8 @@ Design decisions:
   training loss at that weight (evaluation stays on replies); `document_attention` collates packed blocks with
   position ids that restart at each `<|endoftext|>`, which `transformers` turns into a block-diagonal mask;
   `batch_ramp_steps` splits each early step into smaller optimizer updates inside `training_step`, so the
-  Trainer's steps, epochs, schedule, checkpoints and resume stay those of the fixed batch.
+  Trainer's steps, epochs, schedule, checkpoints and resume stay those of the fixed batch; `decay_embeddings:
+  false` takes the embeddings out of `get_decay_parameter_names`, which both optimizers read.
 - Callbacks, not a custom loop: early stopping (`EarlyStoppingCallback`), sample generations at each
   evaluation, a CSV copy of the logs, and Ctrl-C, which asks the Trainer to save a checkpoint and stop
   at the end of the current step (a second Ctrl-C aborts at once).
@@ -89,6 +90,7 @@ class ModelArguments:
     z_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the z-loss (log-normaliser squared) in training, e.g. 1e-4; evaluation reports plain cross-entropy."})
     ema_decay: float | None = field(default=None, metadata={"help": "Keep an exponential moving average of the weights (e.g. 0.999): evaluations and the final model use it."})
     zero_init_projections: bool = field(default=False, metadata={"help": "Phase 1: start each block's output projections (attention and MLP) at zero."})
+    decay_embeddings: bool = field(default=True, metadata={"help": "Apply weight_decay to the token and position embeddings too (false: only to the blocks' matrices, so rare tokens' rows are not shrunk every step)."})
     sinusoidal_positions: float = field(default=0.0, metadata={"help": "Phase 1: start the learned position embeddings at the Transformer's sinusoids of this root-mean-square size, e.g. 0.02 as GPT-2's random start (0: that random start)."})
     batch_ramp_steps: float = field(default=0.0, metadata={"help": "Phase 1: a small-batch start. Over this many steps (below 1: that share of the run) each step's sequences are split into several optimizer updates, a quarter of the step's batch each at first, growing linearly to the whole batch (0: off)."})
     document_attention: bool = field(default=False, metadata={"help": "Phase 1: attention and positions restart at each <|endoftext|> in a packed block."})
@@ -123,7 +125,7 @@ class TrmTrainer(Trainer):
     loss_is_scaled_for_ga = True  # the loss below is normalised by `num_items_in_batch` when given
 
     def __init__(self, *args, loss_chunk_rows: int = 256, use_muon: bool = False, prompt_loss_weight: float = 0.0,
-                 z_loss_weight: float = 0.0, batch_ramp_steps: float = 0.0, **kwargs):
+                 z_loss_weight: float = 0.0, batch_ramp_steps: float = 0.0, decay_embeddings: bool = True, **kwargs):
         if prompt_loss_weight < 0:
             raise RecipeError(f"prompt_loss_weight must be 0 or more, got {prompt_loss_weight}.")
         if prompt_loss_weight and loss_chunk_rows <= 0:
@@ -132,6 +134,7 @@ class TrmTrainer(Trainer):
             raise RecipeError(f"z_loss_weight must be 0 or more and needs the chunked loss (loss_chunk_rows above 0), got {z_loss_weight}.")
         super().__init__(*args, **kwargs)
         self.use_muon, self.prompt_loss_weight, self.z_loss_weight = use_muon, prompt_loss_weight, z_loss_weight
+        self.decay_embeddings = decay_embeddings
         problem = batch_ramp_problem(self.args) if batch_ramp_steps else None
         if problem:
             logger.warning("batch_ramp_steps %g is off for this run: %s", batch_ramp_steps, problem)
@@ -147,6 +150,15 @@ class TrmTrainer(Trainer):
         self._last_log: tuple[float, int] | None = None  # (time, tokens seen) at the previous training log
         self._clock: tuple[float, int] | None = None  # (time, step) when this process began training
         self.eval_seconds, self.evaluations = 0.0, 0  # time spent evaluating, apart from training (the time plan)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        names = super().get_decay_parameter_names(model)
+        if self.decay_embeddings:
+            return names
+        # By tensor, not name: the output projection is the token embedding under another name.
+        embeddings = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        return [name for name in names if id(parameters.get(name)) not in embeddings]
 
     def create_optimizer(self, model=None):
         if not self.use_muon or self.optimizer is not None:
@@ -805,6 +817,7 @@ def train_and_evaluate(
         prompt_loss_weight=model_args.prompt_loss_weight,
         z_loss_weight=model_args.z_loss_weight,
         batch_ramp_steps=model_args.batch_ramp_steps,
+        decay_embeddings=model_args.decay_embeddings,
     )
     trainer_ref.append(trainer)
     if resume and checkpoint_ends_the_run(resume, training_args):
