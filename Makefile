@@ -67,10 +67,10 @@ ask: venv
 
 push: venv
 	@test -n "$(HUB_ID)" || (echo "usage: make push MODEL=DIR HUB_ID=user/name" && exit 2)
-	$(PY) -m trm.hub $(MODEL) $(HUB_ID)
+	$(PY) -m trm.sharing.hub $(MODEL) $(HUB_ID)
 
 export-gguf: venv
-	$(PY) -m trm.gguf_export $(MODEL) --outtype $(or $(QUANT),q8_0) $(ARGS)
+	$(PY) -m trm.sharing.gguf_export $(MODEL) --outtype $(or $(QUANT),q8_0) $(ARGS)
 
 bench: venv
 	$(PY) benchmarks/train_throughput.py $(ARGS)

@@ -4,7 +4,7 @@
     python run_ask.py outputs/phase2 "What is the capital of France?" [--index cache/index.sqlite] [--top_k 5]
     python run_ask.py outputs/phase2 "..." --json            # one JSON object, for scripts
 
-The answer is a span of a retrieved passage (grounded decoding, trm/grounded.py) or the no-answer reply.
+The answer is a span of a retrieved passage (grounded decoding, trm/reading/grounded.py) or the no-answer reply.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import json
 from data.files import checked_text
 from trm.cli import run_main
 from trm.generation import load_model
-from trm.grounded import GroundedSettings, add_weight_arguments, weight_overrides
+from trm.reading.grounded import GroundedSettings, add_weight_arguments, weight_overrides
 from trm.recipe import RecipeError
-from trm.retrieval import PassageIndex, RetrievedAnswer, ask
+from trm.reading.retrieval import PassageIndex, RetrievedAnswer, ask
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -23,9 +23,9 @@ from data.files import DataError, checked_text, read_text
 from data.passages import split_passages
 from trm.cli import run_main
 from trm.generation import SamplingSettings, context_length, fit_history, generate_reply, load_model
-from trm.grounded import GroundedSettings, answer_from_passages
+from trm.reading.grounded import GroundedSettings, answer_from_passages
 from trm.recipe import RecipeError
-from trm.retrieval import PassageIndex, ask
+from trm.reading.retrieval import PassageIndex, ask
 
 
 def parse_args(argv=None) -> argparse.Namespace:

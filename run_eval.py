@@ -26,7 +26,7 @@ from trm.evaluation import (
     WEIGHT_CHOICES, blocks_perplexity, calibrate_grounding, copying_loss, instruction_evaluation, squad_evaluation, text_blocks,
     weight_choices,
 )
-from trm.grounded import GroundedSettings, add_weight_arguments, weight_overrides
+from trm.reading.grounded import GroundedSettings, add_weight_arguments, weight_overrides
 from trm.model_card import add_results, evaluation_results
 from trm.recipe import RecipeError
 from trm.generation import load_model
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--squad_file", help="SQuAD v1.1 JSON (official layout), or hub: rajpurkar/squad validation")
     parser.add_argument("--squad_v2_file", help="SQuAD v2.0 JSON (official layout), or hub: rajpurkar/squad_v2 validation")
     parser.add_argument("--decoding", choices=("free", "grounded", "both"), default="both",
-                        help="SQuAD answers generated freely, as passage spans (trm/grounded.py), or both side by side")
+                        help="SQuAD answers generated freely, as passage spans (trm/reading/grounded.py), or both side by side")
     parser.add_argument("--calibrate_no_answer", metavar="SQUAD_V2_FILE",
                         help="calibrate grounded decoding on this file (its prior and proximity weights and length bonus, then "
                              "its no-answer threshold) and store them with the model")

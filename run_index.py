@@ -17,7 +17,7 @@ from data.files import DataError
 from data.tokenizer import load_tokenizer
 from trm.cli import run_main
 from trm.recipe import read_recipe
-from trm.retrieval import PassageIndex
+from trm.reading.retrieval import PassageIndex
 
 logger = logging.getLogger("run_index")
 PHASE1_RECIPE = "recipes/phase1_pretraining.yaml"

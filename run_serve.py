@@ -17,7 +17,7 @@ from pathlib import Path
 from trm.cli import run_main
 from trm.generation import load_model
 from trm.recipe import RecipeError
-from trm.serve import ChatService, ServerLimits, is_loopback, make_server
+from trm.sharing.serve import ChatService, ServerLimits, is_loopback, make_server
 
 
 def main(argv=None) -> None:

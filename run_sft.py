@@ -22,7 +22,7 @@ from trm.model_card import base_model_datasets, build_card
 from data.files import DataError
 from trm.evaluation import WEIGHT_CHOICES, calibrate_grounding_on, weights_name
 from trm.generation import from_pretrained
-from trm.grounded import GROUNDING_FILE, GroundedSettings
+from trm.reading.grounded import GROUNDING_FILE, GroundedSettings
 from trm.recipe import RecipeError, parse_recipe
 from trm.time_budget import fill_phase2_budget
 from trm.training import (

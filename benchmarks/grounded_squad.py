@@ -34,7 +34,7 @@ from trm.evaluation import (  # noqa: E402
     weights_name,
 )
 from trm.generation import load_model  # noqa: E402
-from trm.grounded import WEIGHT_HELP, GroundedSettings, add_weight_arguments, calibrate_no_answer_threshold, weight_overrides  # noqa: E402
+from trm.reading.grounded import WEIGHT_HELP, GroundedSettings, add_weight_arguments, calibrate_no_answer_threshold, weight_overrides  # noqa: E402
 from trm.metrics.squad.squad import exact_match  # noqa: E402
 
 

@@ -30,9 +30,9 @@ from data.passages import split_passages  # noqa: E402
 from run_eval import write_json_atomically  # noqa: E402
 from trm.evaluation import best_f1, squad_questions  # noqa: E402
 from trm.generation import load_model  # noqa: E402
-from trm.grounded import GroundedSettings, answer_from_passages  # noqa: E402
+from trm.reading.grounded import GroundedSettings, answer_from_passages  # noqa: E402
 from trm.metrics.squad.squad import exact_match  # noqa: E402
-from trm.retrieval import PassageIndex  # noqa: E402
+from trm.reading.retrieval import PassageIndex  # noqa: E402
 
 CHOOSERS = {  # each picks the reply from the grounded answers to the passages, best-ranked first
     "top-ranked passage, always a span": lambda answers, threshold: answers[0].span,

@@ -12,7 +12,7 @@ from playwright.sync_api import sync_playwright
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trm.generation import load_model  # noqa: E402
-from trm.serve import ChatService, make_server  # noqa: E402
+from trm.sharing.serve import ChatService, make_server  # noqa: E402
 
 MESSAGES = ["Hi! How are you today?", "Name three primary colours."]
 

@@ -10,7 +10,7 @@ import torch
 
 from data.prompt_format import generation_prompt, ollama_template
 from models.gpt2 import build_model
-from trm import gguf_export
+from trm.sharing import gguf_export
 
 from conftest import TINY_CONFIG
 

@@ -13,7 +13,7 @@ from conftest import TINY_CONFIG
 from data.files import DataError
 from data.passages import question_terms
 from data.prompt_format import NO_ANSWER_REPLY, generation_prompt, reading_comprehension_message, squad_layout_of
-from trm.grounded import (
+from trm.reading.grounded import (
     GroundedSettings, _word_boundaries, answer_from_passage, answer_from_passages, calibrate_no_answer_threshold,
     holds_an_answer_word, score_replies,
 )
@@ -79,7 +79,7 @@ def test_scores_are_the_model_likelihood_and_the_best_span_wins(tokenizer):
 
 
 def test_the_prior_subtracts_each_replys_likelihood_without_the_question(tokenizer, monkeypatch):
-    import trm.grounded
+    import trm.reading.grounded
 
     passage = "The Rhine ends in Hoek van Holland, near Rotterdam."
     question = "Where does the Rhine end?"
@@ -89,7 +89,7 @@ def test_the_prior_subtracts_each_replys_likelihood_without_the_question(tokeniz
         return (_reply_logprob(model, tokenizer, passage, question, reply)
                 - weight * _reply_logprob(model, tokenizer, passage, "", reply))
 
-    monkeypatch.setattr(trm.grounded, "PRIOR_RESCORED_SPANS", 1000)  # every span rescored: brute force can check the choice
+    monkeypatch.setattr(trm.reading.grounded, "PRIOR_RESCORED_SPANS", 1000)  # every span rescored: brute force can check the choice
     words = passage.split()
     spans = {" ".join(words[i:j]).rstrip(",.") for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
     spans |= {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
@@ -105,30 +105,30 @@ def test_the_prior_subtracts_each_replys_likelihood_without_the_question(tokeniz
         assert answer.span_score == pytest.approx(best, abs=1e-3)
         chosen[weight] = answer.span
     # Rescoring only the best few spans by the question's score, their length and proximity keeps the best of those.
-    monkeypatch.setattr(trm.grounded, "PRIOR_RESCORED_SPANS", 2)
-    wide = GroundedSettings(max_answer_tokens=8, start_candidates=100, proximity_weight=trm.grounded.RESCORED_PROXIMITY_WEIGHT,
-                            length_bonus=trm.grounded.RESCORED_LENGTH_BONUS)
-    scored = trm.grounded.score_replies(model, tokenizer, passage, question, wide)
+    monkeypatch.setattr(trm.reading.grounded, "PRIOR_RESCORED_SPANS", 2)
+    wide = GroundedSettings(max_answer_tokens=8, start_candidates=100, proximity_weight=trm.reading.grounded.RESCORED_PROXIMITY_WEIGHT,
+                            length_bonus=trm.reading.grounded.RESCORED_LENGTH_BONUS)
+    scored = trm.reading.grounded.score_replies(model, tokenizer, passage, question, wide)
     assert len(scored.spans) == 2
     plain = answer_from_passage(model, tokenizer, passage, question, replace(wide, prior_weight=0.0))
     assert scored.answer(replace(wide, prior_weight=0.0)).span == plain.span
 
 
 def test_the_spans_rescored_are_the_best_by_score_length_and_proximity(tokenizer, monkeypatch):
-    import trm.grounded
+    import trm.reading.grounded
 
     passage = ("Cats sleep all day long in warm houses with soft beds and quiet rooms for many hours. "
                "The Rhine river will end at the sea near Rotterdam.")
     question = "Where does the Rhine river end?"
     every_start = GroundedSettings(max_answer_tokens=8, start_candidates=100, prior_weight=0.0)
-    monkeypatch.setattr(trm.grounded, "PRIOR_RESCORED_SPANS", 1)
+    monkeypatch.setattr(trm.reading.grounded, "PRIOR_RESCORED_SPANS", 1)
     proximity_decided = 0
     for seed in range(8):
         model = _random_model(seed)
         every_span = score_replies(model, tokenizer, passage, question, every_start).spans  # no prior: none left out
-        with_proximity = max(every_span, key=lambda s: s[2] + trm.grounded.RESCORED_LENGTH_BONUS * s[4]
-                             + trm.grounded.RESCORED_PROXIMITY_WEIGHT * s[5])
-        without = max(every_span, key=lambda s: s[2] + trm.grounded.RESCORED_LENGTH_BONUS * s[4])
+        with_proximity = max(every_span, key=lambda s: s[2] + trm.reading.grounded.RESCORED_LENGTH_BONUS * s[4]
+                             + trm.reading.grounded.RESCORED_PROXIMITY_WEIGHT * s[5])
+        without = max(every_span, key=lambda s: s[2] + trm.reading.grounded.RESCORED_LENGTH_BONUS * s[4])
         rescored = score_replies(model, tokenizer, passage, question, replace(every_start, prior_weight=0.5)).spans
         assert [s[0] for s in rescored] == [with_proximity[0]]
         proximity_decided += with_proximity[0] != without[0]
@@ -136,8 +136,8 @@ def test_the_spans_rescored_are_the_best_by_score_length_and_proximity(tokenizer
 
 
 def test_the_words_nearest_the_questions_start_candidates_beside_the_models_likeliest(tokenizer, monkeypatch):
-    import trm.grounded
-    from trm.grounded import proximity_to_question
+    import trm.reading.grounded
+    from trm.reading.grounded import proximity_to_question
 
     words = ("cats sleep all day long in warm houses with soft beds and quiet rooms for many hours while dogs run "
              "outside near old boats where fishermen wait until the Rhine river reaches Rotterdam by its mouth on this sea").split()
@@ -147,13 +147,13 @@ def test_the_words_nearest_the_questions_start_candidates_beside_the_models_like
     positions = [passage.index(f" {word} ") + 1 if 0 < n < len(words) - 1 else passage.index(word) for n, word in enumerate(words)]
     nearness = proximity_to_question(passage, question, [(p, p + len(w)) for p, w in zip(positions, words)])
     started = []
-    original = trm.grounded._ended_reply_scores
+    original = trm.reading.grounded._ended_reply_scores
 
     def recording(model, first, cache, prompt_length, rows, eos):
         started.append([first_token.index(row[0]) for row in rows[:-1]])  # the last row is the no-answer reply
         return original(model, first, cache, prompt_length, rows, eos)
 
-    monkeypatch.setattr(trm.grounded, "_ended_reply_scores", recording)
+    monkeypatch.setattr(trm.reading.grounded, "_ended_reply_scores", recording)
     model = _random_model(seed=3)
     for near in (0, 5, 12):
         started.clear()
@@ -229,7 +229,7 @@ def test_calibration_picks_the_threshold_that_maximises_f1():
 def test_calibration_chooses_the_smallest_weights_with_the_best_spans_then_their_threshold(monkeypatch):
     import trm.evaluation
     from trm.evaluation import weight_choices
-    from trm.grounded import ScoredReplies
+    from trm.reading.grounded import ScoredReplies
 
     # Question 1: "Basel" is likelier, but also likelier without the question; above a prior weight of 1/6 the answer
     # "Hoek van Holland" wins, and so it does at any prior weight once the proximity (0.5 against 0.1) counts 3 times
@@ -264,7 +264,7 @@ def test_calibration_chooses_the_smallest_weights_with_the_best_spans_then_their
 
 
 def test_proximity_is_the_weighted_share_of_the_question_terms_around_a_span():
-    from trm.grounded import proximity_to_question
+    from trm.reading.grounded import proximity_to_question
 
     passage = "Basel lies on the Rhine. The Rhine ends in the North Sea at Hoek van Holland, far from Basel."
     question = "Where does the river Rhine end?"  # terms: river, rhine, end (river and end are not in the passage)
@@ -296,7 +296,7 @@ def test_proximity_is_the_weighted_share_of_the_question_terms_around_a_span():
 
 
 def test_each_scored_span_carries_its_proximity_and_the_weight_moves_the_choice(tokenizer):
-    from trm.grounded import proximity_to_question, score_replies
+    from trm.reading.grounded import proximity_to_question, score_replies
 
     passage = "Rotterdam is a port. " + "The city grew fast in the last century and trade grew with it. " * 2 + \
         "The Rhine ends in the North Sea near Hoek van Holland."
@@ -314,7 +314,7 @@ def test_each_scored_span_carries_its_proximity_and_the_weight_moves_the_choice(
 
 
 def test_the_length_bonus_rewards_each_token_of_a_span(tokenizer):
-    from trm.grounded import score_replies
+    from trm.reading.grounded import score_replies
 
     passage, question = "The Rhine ends in the North Sea near Hoek van Holland.", "Where does the Rhine end?"
     settings = GroundedSettings(max_answer_tokens=6, start_candidates=100, proximity_weight=0.0, length_bonus=0.0)
@@ -374,7 +374,7 @@ def test_calibration_chooses_exactly_the_weights_the_command_lines_override():
     from dataclasses import fields
 
     from trm.evaluation import WEIGHT_CHOICES
-    from trm.grounded import WEIGHT_HELP
+    from trm.reading.grounded import WEIGHT_HELP
 
     assert list(WEIGHT_CHOICES) == list(WEIGHT_HELP)
     assert set(WEIGHT_HELP) <= {f.name for f in fields(GroundedSettings)}

@@ -147,7 +147,7 @@ def test_a_model_directory_never_runs_its_code_and_must_be_a_whole_gpt2_with_gpt
 
 
 def test_a_grounding_file_with_wrong_types_is_one_sentence(model_dir):
-    from trm.grounded import GroundedSettings
+    from trm.reading.grounded import GroundedSettings
 
     (model_dir / "grounding.json").write_text(json.dumps({"no_answer_threshold": "high"}))
     with pytest.raises(DataError, match="no_answer_threshold must be a number"):
@@ -209,7 +209,7 @@ def test_a_block_size_beyond_the_context_is_refused_before_data_preparation(tmp_
 def test_make_push_uploads_the_model_and_never_the_pickled_training_state():
     from huggingface_hub.utils import filter_repo_objects
 
-    from trm.hub import LOCAL_ONLY
+    from trm.sharing.hub import LOCAL_ONLY
 
     files = ["config.json", "model.safetensors", "tokenizer.json", "README.md", "loss_curve.png", "grounding.json",
              "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "notes.tmp", ".lock",

@@ -9,8 +9,8 @@ import run_ask
 import run_index
 from data.files import DataError
 from data.passages import question_terms, split_passages
-from trm import retrieval
-from trm.retrieval import PassageIndex
+from trm.reading import retrieval
+from trm.reading.retrieval import PassageIndex
 
 ARTICLES = [
     ("Rhine", "The Rhine is a river in Europe. It begins in the Swiss Alps and ends in the North Sea near Rotterdam."),
@@ -62,13 +62,13 @@ def test_an_index_from_an_older_cleaning_is_read_again(tmp_path, corpus, tokeniz
     index.db.execute("PRAGMA user_version = 1")  # built before tables were dropped from passages
     index.db.commit()
     index.close()
-    with caplog.at_level("WARNING", logger="trm.retrieval"):
+    with caplog.at_level("WARNING", logger="trm.reading.retrieval"):
         PassageIndex(path, read_only=True).close()
     assert "older TRM cleaned differently" in caplog.text
     index = PassageIndex(path)
     index.close()
     caplog.clear()
-    with caplog.at_level("WARNING", logger="trm.retrieval"):
+    with caplog.at_level("WARNING", logger="trm.reading.retrieval"):
         PassageIndex(path, read_only=True).close()  # marked for reading again, not read yet
     assert "older TRM cleaned differently" in caplog.text
     index = PassageIndex(path)
@@ -78,7 +78,7 @@ def test_an_index_from_an_older_cleaning_is_read_again(tmp_path, corpus, tokeniz
     assert index.add_file(corpus, tokenizer)["status"] == "unchanged, skipped"
     index.close()
     caplog.clear()
-    with caplog.at_level("WARNING", logger="trm.retrieval"):
+    with caplog.at_level("WARNING", logger="trm.reading.retrieval"):
         PassageIndex(path, read_only=True).close()
     assert not caplog.text
 
@@ -158,7 +158,7 @@ def test_make_index_and_ask_from_the_command_line(tmp_path, corpus, model_dir, c
     with pytest.raises(DataError, match="too long"):
         run_ask.main([str(model_dir), "Rhine " * 300, "--index", str(index_path)])
     # The threshold stored with the model decides, with no extra argument: below every margin it answers.
-    from trm.grounded import GroundedSettings
+    from trm.reading.grounded import GroundedSettings
 
     GroundedSettings(no_answer_threshold=result.margin - 1000.0).save(model_dir)
     assert run_ask.main([str(model_dir), "Where does the Rhine end in Europe?", "--index", str(index_path), "--top_k", "2"]).answered

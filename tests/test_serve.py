@@ -14,7 +14,7 @@ import pytest
 from benchmarks.serve_probe import exchange, request_bytes, run_probe, status_of, too_many_connections
 from data.prompt_format import generation_prompt
 from trm.generation import fit_history, load_model
-from trm.serve import ChatService, ClientGone, ServerLimits, make_server
+from trm.sharing.serve import ChatService, ClientGone, ServerLimits, make_server
 
 
 def _start(model_dir, limits=None, **options):

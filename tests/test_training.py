@@ -220,7 +220,7 @@ def test_phase2_calibrates_its_no_answer_threshold_on_held_out_squad_v2_articles
 
     from trm.evaluation import calibrate_grounding_on
     from trm.generation import load_model
-    from trm.grounded import GroundedSettings
+    from trm.reading.grounded import GroundedSettings
 
     model_dir = tmp_path / "phase1"  # a context long enough for a passage, a question and a grounded reply
     torch.manual_seed(0)

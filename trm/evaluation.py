@@ -11,7 +11,7 @@ Design decisions:
   are cut from the start (the answer position is unknown at test time). A question too long to fit even
   without its passage is counted and scored as unanswered. A reply equal to the fixed no-answer reply
   counts as "no answer". Scores come from the local `evaluate` metric in `trm/metrics/squad`, offline.
-- SQuAD is scored with free greedy generation or with grounded decoding (`trm.grounded`); its operating point
+- SQuAD is scored with free greedy generation or with grounded decoding (`trm.reading.grounded`); its operating point
   (the prior and proximity weights and the length bonus, then the no-answer threshold) is calibrated on SQuAD v2.0
   questions by `calibrate_grounding_on`, every combination of weights judged from one scoring pass per question.
 - Instruction following: each fixed instruction is answered greedily; a reply "in format" is non-empty,
@@ -38,13 +38,13 @@ from data.prompt_format import (
 )
 from models.gpt2 import chunked_lm_loss
 from trm.generation import SamplingSettings, fit_history, generate_reply
-from trm.grounded import (
+from trm.reading.grounded import (
     GroundedAnswer, GroundedSettings, ScoredReplies, calibrate_no_answer_threshold, fit_to_context, score_passage_replies,
 )
 from trm.metrics.squad.squad import f1 as squad_f1
 
 SQUAD_METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "squad"
-WEIGHT_CHOICES = {  # the weights of grounded decoding (`trm.grounded.WEIGHT_HELP`) calibration chooses among, smaller first
+WEIGHT_CHOICES = {  # the weights of grounded decoding (`trm.reading.grounded.WEIGHT_HELP`) calibration chooses among, smaller first
     "prior_weight": (0.0, 0.25, 0.5, 0.75, 1.0),
     "proximity_weight": (0.0, 3.0, 6.0, 12.0),
     "length_bonus": (0.0, 0.25, 0.5, 1.0),
@@ -170,7 +170,7 @@ def free_squad_answer(model, tokenizer, row: dict, max_new_tokens: int, may_abst
 
 def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: str = "free",
                      grounded: GroundedSettings | None = None, max_new_tokens: int = 32, source: str = "squad") -> dict:
-    """SQuAD EM/F1 of free greedy generation or of grounded span decoding (`trm.grounded`)."""
+    """SQuAD EM/F1 of free greedy generation or of grounded span decoding (`trm.reading.grounded`)."""
     import evaluate
 
     rows = squad_questions(path, limit, source)

@@ -1,4 +1,4 @@
-"""Export a model directory to GGUF for llama.cpp and Ollama: `python -m trm.gguf_export MODEL_DIR [--outtype q8_0]`.
+"""Export a model directory to GGUF for llama.cpp and Ollama: `python -m trm.sharing.gguf_export MODEL_DIR [--outtype q8_0]`.
 
 Design decisions:
 - The conversion is llama.cpp's own `convert_hf_to_gguf.py`, taken from the `llama-cpp-python` source
@@ -42,7 +42,7 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # sha256 of llama_cpp_python-0.3.36.tar.gz as PyPI lists it (https://pypi.org/simple/llama-cpp-python/).
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SIMPLE_INDEX = "https://pypi.org/simple/llama-cpp-python/"
-CACHE = Path(__file__).resolve().parent.parent / "cache" / "llama.cpp"
+CACHE = Path(__file__).resolve().parents[2] / "cache" / "llama.cpp"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 MANIFEST = "trm-manifest.json"
 

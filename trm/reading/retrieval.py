@@ -19,7 +19,7 @@ Design decisions:
 - Queries are the question's words minus common function words, OR-ed and quoted (so no word is read
   as FTS5 syntax), ranked by BM25 with the title weighted twice the text; words are stemmed (porter).
 - `ask` goes down the top-k passages in BM25 order and answers from the first one the model answers
-  with grounded decoding (`trm.grounded`), so an answer always comes with its source; ranking chose the
+  with grounded decoding (`trm.reading.grounded`), so an answer always comes with its source; ranking chose the
   passage better than the model's confidence across passages did (measured, see the README).
 """
 
@@ -39,7 +39,7 @@ from data.cleaning import clean_text
 from data.files import DataError, SkipCounter, read_records
 from data.passages import question_terms, split_passages
 from data.prompt_format import NO_ANSWER_REPLY
-from trm.grounded import GroundedSettings, answer_from_passages
+from trm.reading.grounded import GroundedSettings, answer_from_passages
 
 logger = logging.getLogger(__name__)
 PASSAGES_VERSION = 3  # bump when cleaning or cutting changes a file's passages (3: tables, footnotes, galleries, appendices dropped)

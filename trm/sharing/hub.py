@@ -1,4 +1,4 @@
-"""Upload a trained model directory to the Hugging Face Hub: `python -m trm.hub MODEL_DIR USER/NAME [--private]`.
+"""Upload a trained model directory to the Hugging Face Hub: `python -m trm.sharing.hub MODEL_DIR USER/NAME [--private]`.
 
 The directory is already in Hub format; checkpoints, TensorBoard runs and temporary files stay local.
 """
