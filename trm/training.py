@@ -90,7 +90,7 @@ class ModelArguments:
     z_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the z-loss (log-normaliser squared) in training, e.g. 1e-4; evaluation reports plain cross-entropy."})
     ema_decay: float | None = field(default=None, metadata={"help": "Keep an exponential moving average of the weights (e.g. 0.999): evaluations and the final model use it."})
     zero_init_projections: bool = field(default=False, metadata={"help": "Phase 1: start each block's output projections (attention and MLP) at zero."})
-    decay_embeddings: bool = field(default=True, metadata={"help": "Apply weight_decay to the token and position embeddings too (false: only to the blocks' matrices, so rare tokens' rows are not shrunk every step)."})
+    decay_embeddings: bool = field(default=True, metadata={"help": "Apply weight_decay to the token and position embeddings too (false: to the blocks' matrices only; decoupled decay shrinks every embedding row every step, its token seen or not)."})
     sinusoidal_positions: float = field(default=0.0, metadata={"help": "Phase 1: start the learned position embeddings at the Transformer's sinusoids of this root-mean-square size, e.g. 0.02 as GPT-2's random start (0: that random start)."})
     batch_ramp_steps: float = field(default=0.0, metadata={"help": "Phase 1: a small-batch start. Over this many steps (below 1: that share of the run) each step's sequences are split into several optimizer updates, a quarter of the step's batch each at first, growing linearly to the whole batch (0: off)."})
     document_attention: bool = field(default=False, metadata={"help": "Phase 1: attention and positions restart at each <|endoftext|> in a packed block."})
