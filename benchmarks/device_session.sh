@@ -12,6 +12,8 @@
 # Each stage is bounded by what is left of DEADLINE_S, so a slow stage costs the later ones, never the report.
 # By default phase 1 is the recipe's alone: a run beside it slows both (170K tokens/s each on an H100; ~500K
 # alone on an H200), which would cut 3 epochs short of full length within a 10-minute call.
+# Those speeds are of the 6-layer shape; the recipe trains 12 layers since the sixteenth session (1.3x the FLOPs per
+# token, more kernel launches): where PHASE1_MINUTES is too short for 3 epochs, the report says how far phase 1 got.
 # Knobs, set before the command ("PHASE2_RUNS=lr_1e-3 bash benchmarks/device_session.sh"): PHASE1_RUNS,
 # PHASE2_RUNS (names in benchmarks/full_length_levers.py), PHASE1_MINUTES, PHASE2_MINUTES, EVAL_LIMIT, BLIMP_PAIRS
 # (per paradigm; all 1,000 by default), DEADLINE_S; for a dry run on a CPU: USE_CPU=true OUT=DIR

@@ -41,6 +41,7 @@ LEVERS = {
     "document_attention": ["--document_attention", "true"],
     "depth10": ["--config_name", "configs/gpt2-tiny-10layer.json"],
     "depth12": ["--config_name", "configs/gpt2-tiny-12layer.json"],
+    "depth6": ["--config_name", "configs/gpt2-tiny.json"],  # the recipe's shape before 12 layers
     "wide384": ["--config_name", "configs/gpt2-wide-384.json"],
     "decay_0.4": ["--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs", json.dumps({"num_decay_steps": 0.4})],
     "decay_to_0.1": ["--lr_scheduler_type", "warmup_stable_decay",

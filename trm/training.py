@@ -78,7 +78,7 @@ FINAL_LOG = "training_log.json"  # written last by the final save: its presence 
 class ModelArguments:
     """Which model to train and how (names follow Hugging Face's example scripts)."""
 
-    config_name: str | None = field(default="configs/gpt2-tiny.json", metadata={"help": "GPT2Config JSON (phase 1), or auto: the costliest shape of shape_ladder whose epochs fit train_hours here."})
+    config_name: str | None = field(default="configs/gpt2-tiny-12layer.json", metadata={"help": "GPT2Config JSON (phase 1), or auto: the costliest shape of shape_ladder whose epochs fit train_hours here."})
     shape_ladder: list[str] = field(default_factory=lambda: list(SHAPE_LADDER), metadata={"help": "Phase 1, config_name auto: the shapes to choose from, cheapest first."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Model directory to start from (phase 2)."})
     base_model_id: str | None = field(default=None, metadata={"help": "Hub id of that model, if published: the card's base_model."})
