@@ -1,4 +1,6 @@
 
+from pathlib import Path
+
 import pytest
 from transformers import TrainingArguments
 
@@ -38,8 +40,9 @@ def test_unknown_recipe_key_and_missing_recipe_are_clear_errors(tmp_path):
 def test_the_shipped_recipes_parse_and_obey_the_rules():
     from data.sft import SftDataArguments
 
-    _, _, phase1 = parse_recipe(TYPES, ["recipes/phase1_pretraining.yaml"])
+    model1, _, phase1 = parse_recipe(TYPES, ["recipes/phase1_pretraining.yaml"])
     rules.check_epochs("pretraining", phase1.num_train_epochs)
+    assert model1.config_name == ModelArguments().config_name and Path(model1.config_name).is_file()
     assert phase1.use_cpu and phase1.load_best_model_at_end
     _, data2, phase2 = parse_recipe((ModelArguments, SftDataArguments, TrainingArguments), ["recipes/phase2_instruction_tuning.yaml"])
     rules.check_epochs("instruction_tuning", phase2.num_train_epochs)
