@@ -41,6 +41,7 @@ LEVERS = {
     "document_attention": ["--document_attention", "true"],
     "depth10": ["--config_name", "configs/gpt2-tiny-10layer.json"],
     "depth12": ["--config_name", "configs/gpt2-tiny-12layer.json"],  # the recipe's shape since the sixteenth session
+    "depth16": ["--config_name", "configs/gpt2-tiny-16layer.json"],  # the deepest of SHAPE=auto's ladder
     "depth6": ["--config_name", "configs/gpt2-tiny.json"],  # the recipe's shape before 12 layers
     "wide384": ["--config_name", "configs/gpt2-wide-384.json"],
     "decay_0.4": ["--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs", json.dumps({"num_decay_steps": 0.4})],

@@ -95,3 +95,15 @@ def test_phase1_refuses_instruction_data(record, kind):
     with pytest.raises(rules.RuleViolation, match="plain text"):
         rules.check_plain_text_hub_dataset("tatsu-lab/alpaca")
     rules.check_plain_text_record({"text": "An ordinary article about rivers."}, "file")
+
+
+def test_the_shape_ladder_holds_the_default_and_grows_deeper_at_one_width():
+    import json
+
+    from trm.time_budget import SHAPE_LADDER
+
+    shapes = [json.loads(Path(path).read_text()) for path in SHAPE_LADDER]
+    assert ModelArguments().config_name in SHAPE_LADDER
+    assert len({shape["n_embd"] for shape in shapes}) == 1
+    depths = [shape["n_layer"] for shape in shapes]
+    assert depths == sorted(set(depths)), "config_name auto reads the ladder cheapest first"

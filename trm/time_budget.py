@@ -45,7 +45,7 @@ FILL_RESERVE = 0.15  # share of a filled budget kept for evaluations, calibratio
 DATA_PLAN = "data_plan.json"
 SHAPE_PLAN = "shape_plan.json"
 SHAPE_LADDER = ("configs/gpt2-tiny.json", "configs/gpt2-tiny-8layer.json", "configs/gpt2-tiny-10layer.json",
-                "configs/gpt2-tiny-12layer.json")  # width 256, deeper and costlier in turn: `config_name: auto` picks one
+                "configs/gpt2-tiny-12layer.json", "configs/gpt2-tiny-16layer.json")  # width 256, deeper and costlier in turn: `config_name: auto` picks one
 SPARE_TIME_ADVICE = {"pretraining": "--config_name auto would spend it on a larger model shape",
                      "instruction_tuning": "--fill_train_hours true would spend it on more data"}
 
