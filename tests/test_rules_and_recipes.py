@@ -1,4 +1,5 @@
 
+import json
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ from transformers import TrainingArguments
 from data.pretraining import PretrainingDataArguments
 from trm import rules
 from trm.recipe import RecipeError, parse_recipe
+from trm.time_budget import SHAPE_LADDER
 from trm.training import ModelArguments
 
 from conftest import write_recipe
@@ -98,10 +100,6 @@ def test_phase1_refuses_instruction_data(record, kind):
 
 
 def test_the_shape_ladder_holds_the_default_and_grows_deeper_at_one_width():
-    import json
-
-    from trm.time_budget import SHAPE_LADDER
-
     shapes = [json.loads(Path(path).read_text()) for path in SHAPE_LADDER]
     assert ModelArguments().config_name in SHAPE_LADDER
     assert len({shape["n_embd"] for shape in shapes}) == 1
