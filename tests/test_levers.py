@@ -7,7 +7,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from models.gpt2 import chunked_lm_loss
 from trm.optimizers import MuonWithAdamW, hidden_matrix_names
-from trm.training import TrmTrainer, collate_blocks, collate_documents, document_position_ids
+from trm.recipe import RecipeError
+from trm.training import ModelArguments, TrmTrainer, collate_blocks, collate_documents, document_position_ids
 
 from conftest import TINY_CONFIG
 
@@ -44,12 +45,13 @@ def test_a_packed_block_with_document_attention_scores_each_document_as_if_alone
     assert abs(crossing.item() - alone.item()) > 1e-3
 
 
-def _trainer(tmp_path, model, max_steps, **kwargs):
+def _trainer(tmp_path, model, max_steps, adamw_lr_ratio=1.0, **kwargs):
     dataset = Dataset.from_dict({"input_ids": torch.randint(0, 50000, (16, 32), generator=torch.Generator().manual_seed(4)).tolist()})
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
                              max_steps=max_steps, learning_rate=1e-2, lr_scheduler_type="cosine", save_steps=2,
                              disable_tqdm=True, seed=0, **kwargs)
-    return TrmTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate_blocks, use_muon=True)
+    return TrmTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate_blocks, use_muon=True,
+                      adamw_lr_ratio=adamw_lr_ratio)
 
 
 def test_muon_trains_the_hidden_matrices_and_adamw_the_rest_under_the_trainers_schedule(tmp_path):
@@ -66,6 +68,23 @@ def test_muon_trains_the_hidden_matrices_and_adamw_the_rest_under_the_trainers_s
     assert all(optimizer.muon.state[p] for p in optimizer.muon.param_groups[0]["params"])
     # The scheduler's cosine decay reached both inner optimizers.
     assert optimizer.muon.param_groups[0]["lr"] == optimizer.adamw.param_groups[0]["lr"] < 1e-2
+
+
+def test_adamw_lr_ratio_sets_the_embeddings_rate_apart_and_the_schedule_scales_both(tmp_path):
+    trainer = _trainer(tmp_path / "run", _model(), max_steps=10, adamw_lr_ratio=3.0)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    for _ in range(4):
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    muon_rate = trainer.optimizer.muon.param_groups[0]["lr"]
+    assert 0 < muon_rate < 1e-2
+    assert [group["lr"] for group in trainer.optimizer.adamw.param_groups] == pytest.approx([3 * muon_rate] * 2)
+    assert trainer.lr_scheduler.base_lrs == pytest.approx([1e-2, 3e-2, 3e-2])
+
+
+def test_adamw_lr_ratio_without_muon_is_refused_in_one_sentence():
+    with pytest.raises(RecipeError, match="needs use_muon true"):
+        ModelArguments(adamw_lr_ratio=3.0)
 
 
 @pytest.mark.parametrize("optim, fused", [("adamw_torch_fused", True), ("adamw_torch", None)])

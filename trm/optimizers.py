@@ -6,7 +6,9 @@ Design decisions:
   AdamW. `MuonWithAdamW` holds one of each and presents their parameter groups as its own, so the
   Trainer's learning-rate scheduler, gradient clipping, checkpoints and resume see one optimizer.
 - Muon runs with `adjust_lr_fn="match_rms_adamw"`, which scales its update to AdamW's size, so both
-  groups share the recipe's learning rate and schedule and the lever changes one thing only.
+  groups share the recipe's learning rate and schedule and the lever changes one thing only;
+  `adamw_lr_ratio` sets the AdamW half (embeddings, norms, biases) to a multiple of that rate, and the
+  scheduler scales each group from its own starting rate.
 - Weight decay: the Trainer's rule (none on biases and norms) for AdamW, the recipe's value for Muon.
 - The AdamW half follows the recipe's `optim`: `adamw_torch_fused` (every recipe) steps all its tensors in
   one fused kernel, as the Trainer's own AdamW does; on a GPU that saves a launch per tensor and step.
@@ -21,9 +23,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """`torch.optim.Muon` on `hidden_matrices`, `torch.optim.AdamW` on `adamw_groups`, stepped together."""
 
     def __init__(self, hidden_matrices: list[torch.Tensor], adamw_groups: list[dict], *, lr: float, weight_decay: float,
-                 betas: tuple[float, float], eps: float, fused: bool | None = None):
+                 betas: tuple[float, float], eps: float, fused: bool | None = None, adamw_lr_ratio: float = 1.0):
         self.muon = torch.optim.Muon(hidden_matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused)
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr * adamw_lr_ratio, betas=betas, eps=eps, fused=fused)
         # The same group dicts: a scheduler setting `lr` on these groups sets it on the inner optimizers.
         super().__init__(self.muon.param_groups + self.adamw.param_groups, defaults={"lr": lr})
 
@@ -52,7 +54,8 @@ def hidden_matrix_names(model: torch.nn.Module) -> set[str]:
             if parameter.ndim == 2 and ".h." in f".{name}" and parameter.requires_grad}
 
 
-def build_muon_with_adamw(model: torch.nn.Module, args, decay_parameter_names: list[str]) -> MuonWithAdamW:
+def build_muon_with_adamw(model: torch.nn.Module, args, decay_parameter_names: list[str],
+                          adamw_lr_ratio: float = 1.0) -> MuonWithAdamW:
     """The optimizer for `use_muon: true`, from the TrainingArguments' learning rate, decay and Adam settings."""
     hidden = hidden_matrix_names(model)
     rest = [(name, p) for name, p in model.named_parameters() if p.requires_grad and name not in hidden]
@@ -63,4 +66,5 @@ def build_muon_with_adamw(model: torch.nn.Module, args, decay_parameter_names: l
     return MuonWithAdamW([p for name, p in model.named_parameters() if name in hidden], adamw_groups,
                          lr=args.learning_rate, weight_decay=args.weight_decay,
                          betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                         fused=True if getattr(args.optim, "value", args.optim) == "adamw_torch_fused" else None)
+                         fused=True if getattr(args.optim, "value", args.optim) == "adamw_torch_fused" else None,
+                         adamw_lr_ratio=adamw_lr_ratio)

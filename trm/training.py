@@ -18,7 +18,8 @@ Design decisions:
   position ids that restart at each `<|endoftext|>`, which `transformers` turns into a block-diagonal mask;
   `batch_ramp_steps` splits each early step into smaller optimizer updates inside `training_step`, so the
   Trainer's steps, epochs, schedule, checkpoints and resume stay those of the fixed batch; `decay_embeddings:
-  false` takes the embeddings out of `get_decay_parameter_names`, which both optimizers read.
+  false` takes the embeddings out of `get_decay_parameter_names`, which both optimizers read; `adamw_lr_ratio`
+  gives Muon's AdamW half its own multiple of the rate.
 - Callbacks, not a custom loop: early stopping (`EarlyStoppingCallback`), sample generations at each
   evaluation, a CSV copy of the logs, and Ctrl-C, which asks the Trainer to save a checkpoint and stop
   at the end of the current step (a second Ctrl-C aborts at once).
@@ -86,6 +87,7 @@ class ModelArguments:
     loss_chunk_rows: int = field(default=256, metadata={"help": "Rows per chunk of the fused loss; 0 = stock loss."})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (autocast, fp32 weights); auto times both here."})
     use_muon: bool = field(default=False, metadata={"help": "torch.optim.Muon for the blocks' 2-D matrices, AdamW for the rest."})
+    adamw_lr_ratio: float = field(default=1.0, metadata={"help": "With use_muon: the AdamW half's learning rate (embeddings, norms, biases) as a multiple of learning_rate, e.g. 3."})
     prompt_loss_weight: float = field(default=0.0, metadata={"help": "Phase 2: weight of the prompt tokens' loss in training (0: replies only)."})
     z_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the z-loss (log-normaliser squared) in training, e.g. 1e-4; evaluation reports plain cross-entropy."})
     ema_decay: float | None = field(default=None, metadata={"help": "Keep an exponential moving average of the weights (e.g. 0.999): evaluations and the final model use it."})
@@ -107,6 +109,10 @@ class ModelArguments:
             raise RecipeError(f"ema_decay must be between 0 and 1, got {self.ema_decay}.")
         if self.batch_ramp_steps < 0:
             raise RecipeError(f"batch_ramp_steps must be 0 or more, got {self.batch_ramp_steps}.")
+        if not self.adamw_lr_ratio > 0:
+            raise RecipeError(f"adamw_lr_ratio must be above 0, got {self.adamw_lr_ratio}.")
+        if self.adamw_lr_ratio != 1.0 and not self.use_muon:
+            raise RecipeError("adamw_lr_ratio sets the AdamW half of Muon's optimizer apart; it needs use_muon true.")
         if not self.sinusoidal_positions >= 0:
             raise RecipeError(f"sinusoidal_positions is the position table's starting size: 0 (off) or more, e.g. 0.1; "
                               f"got {self.sinusoidal_positions}.")
@@ -125,7 +131,8 @@ class TrmTrainer(Trainer):
     loss_is_scaled_for_ga = True  # the loss below is normalised by `num_items_in_batch` when given
 
     def __init__(self, *args, loss_chunk_rows: int = 256, use_muon: bool = False, prompt_loss_weight: float = 0.0,
-                 z_loss_weight: float = 0.0, batch_ramp_steps: float = 0.0, decay_embeddings: bool = True, **kwargs):
+                 z_loss_weight: float = 0.0, batch_ramp_steps: float = 0.0, decay_embeddings: bool = True,
+                 adamw_lr_ratio: float = 1.0, **kwargs):
         if prompt_loss_weight < 0:
             raise RecipeError(f"prompt_loss_weight must be 0 or more, got {prompt_loss_weight}.")
         if prompt_loss_weight and loss_chunk_rows <= 0:
@@ -134,7 +141,7 @@ class TrmTrainer(Trainer):
             raise RecipeError(f"z_loss_weight must be 0 or more and needs the chunked loss (loss_chunk_rows above 0), got {z_loss_weight}.")
         super().__init__(*args, **kwargs)
         self.use_muon, self.prompt_loss_weight, self.z_loss_weight = use_muon, prompt_loss_weight, z_loss_weight
-        self.decay_embeddings = decay_embeddings
+        self.decay_embeddings, self.adamw_lr_ratio = decay_embeddings, adamw_lr_ratio
         problem = batch_ramp_problem(self.args) if batch_ramp_steps else None
         if problem:
             logger.warning("batch_ramp_steps %g is off for this run: %s", batch_ramp_steps, problem)
@@ -164,7 +171,7 @@ class TrmTrainer(Trainer):
         if not self.use_muon or self.optimizer is not None:
             return super().create_optimizer(model)
         model = self.model if model is None else model
-        self.optimizer = build_muon_with_adamw(model, self.args, self.get_decay_parameter_names(model))
+        self.optimizer = build_muon_with_adamw(model, self.args, self.get_decay_parameter_names(model), self.adamw_lr_ratio)
         return self.optimizer
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -818,6 +825,7 @@ def train_and_evaluate(
         z_loss_weight=model_args.z_loss_weight,
         batch_ramp_steps=model_args.batch_ramp_steps,
         decay_embeddings=model_args.decay_embeddings,
+        adamw_lr_ratio=model_args.adamw_lr_ratio,
     )
     trainer_ref.append(trainer)
     if resume and checkpoint_ends_the_run(resume, training_args):
