@@ -44,7 +44,7 @@ from trm.full_recipe import FullRecipe, prepared_validation_dir  # noqa: E402
 # the ones that undo a recipe choice measured there.
 PHASE1_LEVERS = {
     "cosine": ["--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", "{}"],
-    "adamw": ["--use_muon", "false"],
+    "adamw": ["--use_muon", "false", "--adamw_lr_ratio", "1"],
     "no_batch_ramp": ["--batch_ramp_steps", "0"],
     **{name: setting for name, setting in phase1_levers.LEVERS.items() if name != "baseline"},
 }

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FINAL_REPORT = "final_eval.json"
 # The recipe as it stood before these measurements (AdamW, cosine decay); each lever changes one setting of it.
-BEFORE = ["--use_muon", "false", "--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", "{}"]
+BEFORE = ["--use_muon", "false", "--adamw_lr_ratio", "1", "--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", "{}"]
 LEVERS = {
     "baseline": [],
     "beta2_0.99": ["--adam_beta2", "0.99"],
@@ -52,7 +52,8 @@ LEVERS = {
     "sinusoidal_positions_0.1": ["--sinusoidal_positions", "0.1"],  # nearer the trained token embeddings' size
     "z_loss_1e-4": ["--z_loss_weight", "1e-4"],
     "no_embedding_decay": ["--decay_embeddings", "false"],  # weight decay on the blocks' matrices only
-    "adamw_lr_x3": ["--adamw_lr_ratio", "3"],  # embeddings, norms and biases at 3x the blocks' rate
+    "adamw_lr_x3": ["--adamw_lr_ratio", "3"],  # embeddings, norms and biases at 3x the blocks' rate: the recipe's since the eighteenth session
+    "adamw_lr_x1": ["--adamw_lr_ratio", "1"],  # one rate for both halves, as before
     "ema_0.999": ["--ema_decay", "0.999"],
     "batch_ramp_280": ["--batch_ramp_steps", "280"],  # 5% of a full run's ~5,600 steps of 32 x 256 tokens, at every length
     # 16 sequences per step, ramped over the recipe's first 8,960 sequences (from 4 per update); micro-batches of 8

@@ -83,7 +83,7 @@ def test_adamw_lr_ratio_sets_the_embeddings_rate_apart_and_the_schedule_scales_b
 
 
 def test_adamw_lr_ratio_without_muon_is_refused_in_one_sentence():
-    with pytest.raises(RecipeError, match="needs use_muon true"):
+    with pytest.raises(RecipeError, match="needs use_muon true; with use_muon false pass --adamw_lr_ratio 1"):
         ModelArguments(adamw_lr_ratio=3.0)
 
 

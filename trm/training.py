@@ -112,7 +112,8 @@ class ModelArguments:
         if not self.adamw_lr_ratio > 0:
             raise RecipeError(f"adamw_lr_ratio must be above 0, got {self.adamw_lr_ratio}.")
         if self.adamw_lr_ratio != 1.0 and not self.use_muon:
-            raise RecipeError("adamw_lr_ratio sets the AdamW half of Muon's optimizer apart; it needs use_muon true.")
+            raise RecipeError(f"adamw_lr_ratio {self.adamw_lr_ratio:g} sets the AdamW half of Muon's optimizer apart and needs "
+                              "use_muon true; with use_muon false pass --adamw_lr_ratio 1 as well.")
         if not self.sinusoidal_positions >= 0:
             raise RecipeError(f"sinusoidal_positions is the position table's starting size: 0 (off) or more, e.g. 0.1; "
                               f"got {self.sinusoidal_positions}.")
