@@ -54,6 +54,9 @@ LEVERS = {
     "no_embedding_decay": ["--decay_embeddings", "false"],  # weight decay on the blocks' matrices only
     "adamw_lr_x3": ["--adamw_lr_ratio", "3"],  # embeddings, norms and biases at 3x the blocks' rate: the recipe's since the eighteenth session
     "adamw_lr_x1": ["--adamw_lr_ratio", "1"],  # one rate for both halves, as before
+    "adamw_lr_x2": ["--adamw_lr_ratio", "2"],
+    "adamw_lr_x6": ["--adamw_lr_ratio", "6"],
+    "adamw_lr_x10": ["--adamw_lr_ratio", "10"],
     "ema_0.999": ["--ema_decay", "0.999"],
     "batch_ramp_280": ["--batch_ramp_steps", "280"],  # 5% of a full run's ~5,600 steps of 32 x 256 tokens, at every length
     # 16 sequences per step, ramped over the recipe's first 8,960 sequences (from 4 per update); micro-batches of 8
