@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.prompt_format import NO_ANSWER_REPLY  # noqa: E402
 from run_eval import write_json_atomically  # noqa: E402
 from trm.evaluation import (  # noqa: E402
-    best_f1, best_weights, free_squad_answer, grounded_squad_answers, grounded_squad_scores, span_f1_by_weights, squad_questions,
+    best_f1, best_weights, free_squad_reply, grounded_squad_answers, grounded_squad_scores, span_f1_by_weights, squad_questions,
     weights_name,
 )
 from trm.generation import load_model  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
     report, table = {"model": args.model_name_or_path, "settings": vars(settings)}, []
 
     def free(row, may_abstain):
-        reply = free_squad_answer(model, tokenizer, row, 32, may_abstain)
+        reply = free_squad_reply(model, tokenizer, row, 32, may_abstain)[1]
         return "" if reply is None or reply == NO_ANSWER_REPLY else reply
 
     def grounded(row, allow_no_answer):

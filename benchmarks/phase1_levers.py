@@ -63,6 +63,7 @@ LEVERS = {
     "batch_16": ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--batch_ramp_steps", "560"],
     "lr_1e-3": ["--learning_rate", "1e-3"],  # the rate before 2e-3 became the recipe's
     "lr_2e-3": ["--learning_rate", "2e-3"],
+    "lr_3e-3": ["--learning_rate", "3e-3"],
     "lr_4e-3": ["--learning_rate", "4e-3"],
 }
 

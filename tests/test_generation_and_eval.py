@@ -127,12 +127,31 @@ def test_squad_scores_say_how_often_the_model_abstains_and_how_good_its_answers_
     squad.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "Rollo led the Normans in 911.", "qas": [
         {"id": str(i), "question": q, "answers": [{"text": a, "answer_start": 0}]}
         for i, (q, a) in enumerate([("Who led the Normans?", "Rollo"), ("When?", "911"), ("Whom did Rollo lead?", "the Normans")])]}]}]}))
-    replies = iter(["Rollo", NO_ANSWER_REPLY, "Normans"])
-    monkeypatch.setattr(evaluation, "generate_reply", lambda *args, **kwargs: (next(replies), True))
+    replies, banned = iter(["Rollo", NO_ANSWER_REPLY, "in 1066", "Normans"]), []
+
+    def reply(model, tokenizer, messages, settings):
+        banned.append(settings.banned_first_tokens)
+        return next(replies), True
+
+    monkeypatch.setattr(evaluation, "generate_reply", reply)
     scores = evaluation.squad_evaluation(model_preferring(EOS, strength=0.0), tokenizer, str(squad), limit=None)
-    assert scores["abstained"] == pytest.approx(100 / 3)
-    assert scores["answered_f1"] == pytest.approx(100.0)  # "Normans" matches "the Normans" once articles are dropped
-    assert scores["f1"] == pytest.approx(200 / 3)
+    # A v1.1 question is known to be answerable: the no-answer reply is asked again with its first token barred.
+    no_answer_start = tokenizer(" " + NO_ANSWER_REPLY)["input_ids"][0]
+    assert banned == [(), (), (no_answer_start,), ()]
+    assert scores["abstained"] == pytest.approx(100 / 3)  # what the model chose of its own accord
+    assert scores["answered_f1"] == pytest.approx(200 / 3)  # "Normans" matches "the Normans" once articles are dropped
+    assert scores["f1"] == pytest.approx(200 / 3) and scores["examples"][1]["reply"] == "in 1066"
+
+
+def test_a_reply_can_be_barred_from_its_likeliest_first_token(tokenizer):
+    the = tokenizer(" The")["input_ids"][0]
+    model = model_preferring(the, strength=50.0)
+    messages = [{"role": "user", "content": "Who led the Normans?"}]
+    free = SamplingSettings(max_new_tokens=3, greedy=True)
+    assert tokenizer(" " + generate_reply(model, tokenizer, messages, free)[0])["input_ids"][0] == the
+    barred = SamplingSettings(max_new_tokens=3, greedy=True, banned_first_tokens=(the,))
+    reply = tokenizer(" " + generate_reply(model, tokenizer, messages, barred)[0])["input_ids"]
+    assert reply[0] != the and the in reply[1:]  # only the first token is barred
 
 
 def test_run_eval_refuses_an_empty_instructions_file(model_dir, tmp_path):

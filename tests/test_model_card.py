@@ -1,5 +1,6 @@
 """Model cards: the license follows the training data, and evaluation results land in model-index."""
 
+import pytest
 from huggingface_hub import EvalResult, ModelCard
 
 from trm.model_card import add_results, build_card, evaluation_results, license_for
@@ -33,3 +34,13 @@ def test_evaluation_results_are_merged_into_model_index(tmp_path):
                       ("rajpurkar/squad", "f1 (grounded decoding)"): 13.0,
                       ("trm-eval-instructions", "replies ending by themselves (%)"): 98.0}
     assert not add_results(tmp_path / "missing", evaluation_results(report))
+
+
+def test_a_read_only_model_card_is_left_as_it_is(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text(str(build_card("TRM test", "A test.", {"parameters": "1"}, ["wikimedia/wikipedia"], False, [], from_scratch=True)))
+    card.chmod(0o444)
+    before = card.read_text()
+    with pytest.raises(PermissionError, match="read-only"):
+        add_results(tmp_path, evaluation_results({"squad_v1.1 free": {"exact": 1.0, "f1": 2.0, "file": "dev-v1.1.json"}}))
+    assert card.read_text() == before

@@ -14,6 +14,10 @@ Design decisions:
 - SQuAD is scored with free greedy generation or with grounded decoding (`trm.reading.grounded`); its operating point
   (the prior and proximity weights and the length bonus, then the no-answer threshold) is calibrated on SQuAD v2.0
   questions by `calibrate_grounding_on`, every combination of weights judged from one scoring pass per question.
+  SQuAD v1.1 questions are known to be answerable: grounded decoding gives them a span always, and free decoding
+  asks a no-answer reply again with that reply's first token barred (its first token only: "The" starts answers
+  too, and SQuAD's scoring drops articles), reporting how often the model abstained of its own accord. Barring
+  its first two tokens ("The passage") instead did worse in a trial: the model then writes "The answer ...".
 - Instruction following: each fixed instruction is answered greedily; a reply "in format" is non-empty,
   ends with `<|endoftext|>` by itself and does not start another turn. Prompt plus reply never exceed
   the context: an instruction too long for it is counted in the report instead of crashing the run.
@@ -155,30 +159,47 @@ def best_f1(prediction: str, references: list[str]) -> float:
     return max((squad_f1(prediction, reference) for reference in references), default=float(not prediction))
 
 
-def free_squad_answer(model, tokenizer, row: dict, max_new_tokens: int, may_abstain: bool = True) -> str | None:
+def free_squad_answer(model, tokenizer, row: dict, max_new_tokens: int, may_abstain: bool = True,
+                      must_answer: bool = False) -> str | None:
     """A generated answer; `may_abstain` says whether the question may lack an answer (v2.0), which the prompt
-    then says too, as in training."""
+    then says too, as in training; `must_answer` bars the reply from starting as the no-answer reply does."""
     layout, instruction = squad_layout_of(model), squad_instruction_of(model, may_abstain)
     passage = fit_to_context(row["context"], row["question"], tokenizer, max_new_tokens, int(model.config.n_positions), layout,
                              instruction)
     if passage is None:
         return None
     messages = [{"role": "user", "content": reading_comprehension_message(passage, row["question"], layout, instruction)}]
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
+    banned = tuple(tokenizer(" " + NO_ANSWER_REPLY)["input_ids"][:1]) if must_answer else ()
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0, banned_first_tokens=banned)
     return generate_reply(model, tokenizer, messages, settings)[0]
+
+
+def free_squad_reply(model, tokenizer, row: dict, max_new_tokens: int, may_abstain: bool) -> tuple[str | None, str | None]:
+    """The model's own reply and the reply scored. A question known to be answerable (v1.1) is answered as
+    grounded decoding answers it, with something: a no-answer reply to it is asked again with that reply's first
+    token barred."""
+    reply = free_squad_answer(model, tokenizer, row, max_new_tokens, may_abstain)
+    if reply == NO_ANSWER_REPLY and not may_abstain:
+        return reply, free_squad_answer(model, tokenizer, row, max_new_tokens, may_abstain, must_answer=True)
+    return reply, reply
 
 
 def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: str = "free",
                      grounded: GroundedSettings | None = None, max_new_tokens: int = 32, source: str = "squad") -> dict:
-    """SQuAD EM/F1 of free greedy generation or of grounded span decoding (`trm.reading.grounded`)."""
+    """SQuAD EM/F1 of free greedy generation or of grounded span decoding (`trm.reading.grounded`). For v1.1,
+    `abstained` is how often the model gave the no-answer reply of its own accord (`free_squad_reply`); `f1`
+    scores the answers it gave when asked again."""
     import evaluate
 
     rows = squad_questions(path, limit, source)
     if decoding == "grounded":
         answers = grounded_squad_answers(model, tokenizer, rows, grounded or GroundedSettings())
         replies = [None if a is None else a.answer for a in answers]
+        own_replies = replies
     else:
-        replies = [free_squad_answer(model, tokenizer, row, max_new_tokens, may_abstain=source == "squad_v2") for row in rows]
+        may_abstain = source == "squad_v2"
+        pairs = [free_squad_reply(model, tokenizer, row, max_new_tokens, may_abstain) for row in rows]
+        own_replies, replies = [own for own, _ in pairs], [scored for _, scored in pairs]
     predictions = ["" if reply is None or reply == NO_ANSWER_REPLY else reply for reply in replies]
     metric = evaluate.load(str(SQUAD_METRIC_DIR))
     scores = metric.compute(predictions=predictions, references=[row["answers"] for row in rows])
@@ -187,7 +208,7 @@ def squad_evaluation(model, tokenizer, path: str, limit: int | None, decoding: s
     # Where the score goes: how often the model abstains, and how good the answers it does give are.
     answered = [best_f1(reply, row["answers"]) for reply, row in zip(replies, rows) if reply not in (None, NO_ANSWER_REPLY)]
     return {**scores, **squad_data_name(path, source), "decoding": decoding, "questions_too_long": replies.count(None),
-            "abstained": 100.0 * replies.count(NO_ANSWER_REPLY) / max(1, len(rows)),
+            "abstained": 100.0 * own_replies.count(NO_ANSWER_REPLY) / max(1, len(rows)),
             "answered_f1": 100.0 * sum(answered) / len(answered) if answered else None, "examples": examples}
 
 

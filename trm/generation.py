@@ -11,6 +11,8 @@ Design decisions:
   which forbids copying any three tokens of a passage (a SQuAD answer, a retrieved fact) and, where the
   instruction names the no-answer reply, abstaining. The saved generation config keeps the plain keys
   (what `generate()` and `pipeline` read); their semantics there are `transformers`' own.
+- A reply can be barred from starting with given tokens (`banned_first_tokens`): evaluation uses it to make a
+  model answer a question known to be answerable instead of giving the no-answer reply.
 - History is trimmed oldest exchange first until the prompt plus `max_new_tokens` fits the context, in
   time linear in the conversation's length (the server trims whatever a client sends).
 """
@@ -22,7 +24,9 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
-from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+from transformers.generation.logits_process import (
+    NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor, SuppressTokensAtBeginLogitsProcessor,
+)
 from transformers.utils import logging as transformers_logging
 
 from data.files import DataError
@@ -42,6 +46,7 @@ class SamplingSettings:
     # Chosen by benchmarks/reply_endings.py: 3 ends 98-100% of replies on unseen prompts (78-94% without).
     no_repeat_ngram_size: int = 3
     greedy: bool = False
+    banned_first_tokens: tuple[int, ...] = ()
 
     def sampling_kwargs(self) -> dict:
         """The settings as plain `generate` keys: what a saved generation config holds."""
@@ -58,6 +63,8 @@ class SamplingSettings:
             processors.append(RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty), prompt_ignore_length=prompt_length))
         if self.no_repeat_ngram_size > 0:
             processors.append(ReplyNoRepeatNGram(self.no_repeat_ngram_size, prompt_length))
+        if self.banned_first_tokens:
+            processors.append(SuppressTokensAtBeginLogitsProcessor(self.banned_first_tokens, prompt_length))
         # The plain keys off, so the model's saved generation config does not add prompt-wide versions of both.
         return {**self.sampling_kwargs(), "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "logits_processor": processors}
 

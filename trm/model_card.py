@@ -9,12 +9,15 @@ Design decisions:
   phase 2 inherits phase 1's. `base_model` is set when the phase-1 model's Hub id is known (`--base_model_id`).
   Local paths never appear in a card.
 - Results go into `model-index`: validation loss at the end of training, and what `run_eval.py` measures
-  later, merged into the same card (a result for the same dataset and metric is replaced).
+  later, merged into the same card (a result for the same dataset and metric is replaced). A card its owner made
+  read-only is left as it is, even for root, who could replace it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -78,10 +81,13 @@ def base_model_datasets(model_dir: str | Path) -> tuple[list[str], bool]:
 
 
 def add_results(model_dir: str | Path, results: list[EvalResult]) -> bool:
-    """Merge evaluation results into the card of `model_dir`; False when it has no card to add them to."""
+    """Merge evaluation results into the card of `model_dir`; False when it has no card to add them to; a
+    PermissionError when the card is read-only."""
     path = Path(model_dir) / "README.md"
     if not path.is_file() or not results:
         return False
+    if not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(errno.EACCES, "the model card is read-only", str(path))
     card = ModelCard.load(path)
     def key(result):
         return result.dataset_type, result.dataset_split, result.metric_type, result.metric_name
