@@ -141,6 +141,11 @@ def test_squad_scores_say_how_often_the_model_abstains_and_how_good_its_answers_
     assert scores["abstained"] == pytest.approx(100 / 3)  # what the model chose of its own accord
     assert scores["answered_f1"] == pytest.approx(200 / 3)  # "Normans" matches "the Normans" once articles are dropped
     assert scores["f1"] == pytest.approx(200 / 3) and scores["examples"][1]["reply"] == "in 1066"
+    # A v2.0 question may lack an answer: its no-answer reply stands.
+    replies, banned[:] = iter(["Rollo", NO_ANSWER_REPLY, "Normans"]), []
+    scores = evaluation.squad_evaluation(model_preferring(EOS, strength=0.0), tokenizer, str(squad), limit=None, source="squad_v2")
+    assert banned == [(), (), ()] and scores["examples"][1]["reply"] == NO_ANSWER_REPLY
+    assert scores["abstained"] == pytest.approx(100 / 3)
 
 
 def test_a_reply_can_be_barred_from_its_likeliest_first_token(tokenizer):
